@@ -1,0 +1,41 @@
+# The two commands of the README:
+#   make demo  - set up .venv if needed, run the pipeline offline on the built-in data set (dvc repro)
+#   make test  - set up .venv if needed, run the test suite
+# Both are idempotent; the second run skips the install (a stamp file tracks pyproject.toml).
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.yolofps-installed
+# The CPU wheel by default. A GPU user installs their CUDA torch into $(VENV) first; it is kept.
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+export PATH := $(abspath $(BIN)):$(PATH)
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+
+.PHONY: demo test install clean-outputs
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/dvc repro
+	@echo
+	@echo "Outputs:"
+	@echo "  prepared data set   data/prepared/ (data.yaml, images/, labels/)"
+	@echo "  augmented data set  data/augmented/"
+	@echo "  validation report   reports/data_validation.json"
+	@echo "  metrics             metrics/*.json   (dvc metrics show)"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean-outputs:
+	rm -rf data/prepared data/augmented reports metrics

@@ -1,0 +1,95 @@
+"""The `yolofps` command: one subcommand per pipeline stage, plus utilities.
+
+Stage subcommands are what dvc.yaml runs. Every error the user can fix is one line on stderr and a
+non-zero exit; `--debug` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from yolofps import __version__
+from yolofps.errors import YolofpsError
+
+# stage name -> (module, one-line help). Later stages add themselves here and in dvc.yaml.
+STAGES: dict[str, tuple[str, str]] = {
+    "data": ("yolofps.stages.data", "ingest + validate the data set into data/prepared (DVC stage)"),
+    "augment": ("yolofps.stages.augment", "write augmented train copies into data/augmented (DVC stage)"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser: `yolofps --help` lists every command with one line each."""
+    parser = argparse.ArgumentParser(prog="yolofps", description="Make YOLOv5 detectors fast without losing accuracy.")
+    parser.add_argument("--version", action="version", version=f"yolofps {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (_, help_text) in STAGES.items():
+        stage = commands.add_parser(name, help=help_text, description=help_text)
+        stage.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+        stage.add_argument("-S", "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                           help="override a params key, as `dvc exp run -S` (repeatable)")
+        stage.set_defaults(handler=_run_stage)
+    check = commands.add_parser("validate", help="check a data.yaml or COCO JSON and name every problem",
+                                description="Check a YOLO data.yaml or COCO instances JSON; list every problem.")
+    check.add_argument("path", help="data.yaml or COCO instances JSON")
+    check.add_argument("--strict", action="store_true", help="exit non-zero on any problem, not only fatal ones")
+    check.add_argument("--clip-tolerance", type=float, default=0.02, help="clip boxes this far outside (normalized)")
+    check.add_argument("--json", dest="json_out", help="also write the full report to this JSON file")
+    check.set_defaults(handler=_validate)
+    return parser
+
+
+def _run_stage(args: argparse.Namespace) -> int:
+    from yolofps.config import load_config
+    from yolofps.paths import Paths
+
+    cfg = load_config(args.params, args.overrides)  # config errors surface before any work
+    module = importlib.import_module(STAGES[args.command][0])
+    result = module.run(cfg, Paths())
+    for label, path in result.outputs.items():
+        print(f"{args.command}: {label} -> {path}")
+    print(f"{args.command}: metrics {json.dumps(result.metrics)}")
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from yolofps.data.validate import validate_source
+    from yolofps.fileio import write_json
+
+    validated = validate_source(args.path, clip_tolerance=args.clip_tolerance)
+    print(validated.report.summary())
+    if args.json_out:
+        write_json(Path(args.json_out), validated.report.to_dict())
+    return 1 if args.strict and validated.report.issues else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `yolofps` console script."""
+    args = build_parser().parse_args(argv)
+    handler: Callable[[argparse.Namespace], int] = args.handler
+    try:
+        return handler(args)
+    except YolofpsError as err:
+        if args.debug:
+            raise
+        print(f"yolofps: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("yolofps: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # the last line of defence: a message, not a traceback, unless --debug
+        if args.debug:
+            raise
+        print(f"yolofps: unexpected error: {err.__class__.__name__}: {err} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Data formats, validation, the synthetic demo set and augmentation."""

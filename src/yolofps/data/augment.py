@@ -1,0 +1,66 @@
+"""Bbox-aware albumentations pipelines built from the `augment.transforms` list in params.yaml.
+
+One builder serves both the offline `augment` stage and online (train-time) augmentation in the loader.
+Boxes travel in YOLO format (class, cx, cy, w, h normalized); albumentations clips them to the image and
+drops those that keep less than `min_visibility` of their area or fall under `min_area` pixels.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Sequence
+
+import albumentations as A
+import numpy as np
+
+from yolofps.config import TransformSpec
+from yolofps.errors import ConfigError
+
+
+def build_pipeline(transforms: Sequence[TransformSpec], *, min_visibility: float = 0.3, min_area: float = 4.0,
+                   seed: int | None = None) -> A.Compose:
+    """An `A.Compose` over the named transforms; bad names or arguments are a ConfigError naming them."""
+    built = [_build_transform(i, spec) for i, spec in enumerate(transforms)]
+    bbox_params = A.BboxParams(format="yolo", label_fields=["class_labels"], min_visibility=min_visibility,
+                               min_area=min_area, clip=True)
+    return A.Compose(built, bbox_params=bbox_params, seed=seed)
+
+
+def _build_transform(index: int, spec: TransformSpec) -> A.BasicTransform:
+    where = f"augment.transforms[{index}] ({spec.name})"
+    cls = getattr(A, spec.name, None)
+    if not isinstance(cls, type) or not issubclass(cls, A.BasicTransform):
+        raise ConfigError(f"{where}: albumentations has no transform named {spec.name!r}")
+    if not (issubclass(cls, A.ImageOnlyTransform) or _supports_bboxes(cls)):
+        raise ConfigError(f"{where}: transform does not support bounding boxes, so labels would go stale")
+    accepted = inspect.signature(cls).parameters
+    unknown = sorted(set(spec.args) - set(accepted))
+    if unknown:  # albumentations only warns about unknown arguments; a typo must not pass silently
+        raise ConfigError(f"{where}: unknown argument(s) {unknown}; accepted: {sorted(accepted)}")
+    try:
+        return cls(**spec.args)
+    except Exception as err:  # albumentations validates arguments with pydantic and raises its own types
+        first_lines = " ".join(str(err).splitlines()[:3])
+        raise ConfigError(f"{where}: bad arguments {spec.args}: {first_lines}") from None
+
+
+def _supports_bboxes(cls: type) -> bool:
+    targets = getattr(cls, "_targets", ())
+    targets = targets if isinstance(targets, tuple) else (targets,)
+    return any(getattr(t, "name", "") == "BBOXES" for t in targets)
+
+
+def apply(pipeline: A.Compose, image: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Augment one image and its label rows [n, 5]; returns the new image and the surviving rows."""
+    boxes = _clip_yolo(rows[:, 1:5]) if len(rows) else np.zeros((0, 4), np.float32)
+    out = pipeline(image=image, bboxes=boxes, class_labels=rows[:, 0].astype(np.int64) if len(rows) else [])
+    out_boxes = np.asarray(out["bboxes"], np.float32).reshape(-1, 4)
+    classes = np.asarray(out["class_labels"], np.float32).reshape(-1, 1)  # albumentations may return floats
+    out_rows = np.concatenate([classes, out_boxes], 1) if len(out_boxes) else np.zeros((0, 5), np.float32)
+    return out["image"], out_rows[(out_rows[:, 3] > 0) & (out_rows[:, 4] > 0)]
+
+
+def _clip_yolo(boxes: np.ndarray) -> np.ndarray:
+    """Clip (cx, cy, w, h) boxes to the unit square; validated labels only need float-rounding fixes here."""
+    xyxy = np.concatenate([boxes[:, :2] - boxes[:, 2:] / 2, boxes[:, :2] + boxes[:, 2:] / 2], 1).clip(0.0, 1.0)
+    return np.concatenate([(xyxy[:, :2] + xyxy[:, 2:]) / 2, xyxy[:, 2:] - xyxy[:, :2]], 1).astype(np.float32)

@@ -1,0 +1,15 @@
+"""Errors meant for the user: the CLI prints their message (no traceback) and exits non-zero."""
+
+from __future__ import annotations
+
+
+class YolofpsError(Exception):
+    """Base of every error whose message is written for the user."""
+
+
+class ConfigError(YolofpsError, ValueError):
+    """A params.yaml problem the user must fix; the message names key, file and the fix."""
+
+
+class DataSetError(YolofpsError, ValueError):
+    """A data set that cannot be used at all (fatal validation problem); the message says what to fix."""

@@ -1,0 +1,44 @@
+"""Every artifact path of the pipeline, defined once.
+
+Stages, the CLI, tests and the dvc.yaml contract test all read these, so a path changes in one place.
+Paths are relative to the project root (the folder holding params.yaml and dvc.yaml).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Artifact locations under one project root."""
+
+    root: Path = Path(".")
+
+    @property
+    def params(self) -> Path:
+        return self.root / "params.yaml"
+
+    @property
+    def prepared_data(self) -> Path:
+        """`data` stage output: the normalized data set in YOLO layout."""
+        return self.root / "data" / "prepared"
+
+    @property
+    def augmented_data(self) -> Path:
+        """`augment` stage output: prepared data + augmented train copies."""
+        return self.root / "data" / "augmented"
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+    @property
+    def data_report(self) -> Path:
+        """Validation report of the `data` stage (every fault, file and action)."""
+        return self.reports / "data_validation.json"
+
+    def metrics(self, stage: str) -> Path:
+        """Flat metrics JSON of a stage (DVC `metrics`, `cache: false`)."""
+        return self.root / "metrics" / f"{stage}.json"
