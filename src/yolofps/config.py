@@ -98,14 +98,24 @@ class Config:
 # --------------------------------------------------------------------------------------------- loading
 
 
-def load_config(path: str | Path = "params.yaml", overrides: typing.Sequence[str] = ()) -> Config:
-    """Load params.yaml, apply `key=value` overrides, and return a validated frozen Config."""
+def load_config(path: str | Path = "params.yaml",
+                overrides: typing.Sequence[str] | typing.Mapping[str, Any] = ()) -> Config:
+    """Load params.yaml, apply overrides, and return a validated frozen Config.
+
+    Overrides are `key=value` strings (values parsed as YAML, as `dvc exp run -S`) or a {dotted key: value} dict.
+    """
     path = Path(path)
     raw = read_params(path)
-    for override in overrides:
-        key, value = parse_override(override)
+    for key, value in normalize_overrides(overrides).items():
         set_dotted(raw, key, value, source=str(path))
     return from_dict(Config, raw, source=str(path))
+
+
+def normalize_overrides(overrides: typing.Sequence[str] | typing.Mapping[str, Any]) -> dict[str, Any]:
+    """Overrides as a {dotted key: value} dict, whichever form they came in."""
+    if isinstance(overrides, typing.Mapping):
+        return dict(overrides)
+    return dict(parse_override(text) for text in overrides)
 
 
 def read_params(path: Path) -> dict[str, Any]:

@@ -1,0 +1,1 @@
+"""Prefect flows: orchestration only (schedules, retries, artifacts); stages run through DVC."""

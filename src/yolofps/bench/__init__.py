@@ -1,0 +1,1 @@
+"""Benchmark helpers: measurement and the environment stamp recorded next to every figure."""

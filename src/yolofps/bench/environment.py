@@ -1,0 +1,45 @@
+"""The environment stamp: what a figure was measured on (a figure without it is not a figure)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+from importlib import metadata
+
+
+def cpu_model() -> str:
+    """CPU model name from /proc/cpuinfo, else what platform reports."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment_stamp(packages: tuple[str, ...] = ("torch", "numpy", "opencv-python-headless", "albumentations",
+                                                  "onnxruntime")) -> dict:
+    """CPU/GPU, core count, OS, Python and package versions, and the time of measurement (UTC)."""
+    stamp = {
+        "time_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "cpu": cpu_model(),
+        "cpu_cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+    }
+    for package in packages:
+        try:
+            stamp[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            stamp[package] = None
+    try:
+        import torch
+
+        stamp["torch_threads"] = torch.get_num_threads()
+        stamp["gpu"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except ImportError:
+        stamp["gpu"] = None
+    return stamp

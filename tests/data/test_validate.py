@@ -1,0 +1,122 @@
+"""Validation policy: every fault gets its named report entry and its action; fatal data.yaml errors are clear."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from helpers import PROJECT_ROOT, run_cmd
+from yolofps.config import load_config
+from yolofps.data import validate
+from yolofps.errors import DataSetError
+from yolofps.paths import Paths
+from yolofps.stages import data as data_stage
+
+
+def _by_fault(report):
+    found = {}
+    for issue in report.issues:
+        found.setdefault(issue.fault, []).append(issue)
+    return found
+
+
+def test_every_fault_is_named_with_file_line_and_action(faulty_dataset):
+    result = validate.validate_yolo(faulty_dataset, clip_tolerance=0.02)
+    faults = _by_fault(result.report)
+    good = "labels/train/good.txt"
+
+    def one(fault):
+        assert len(faults[fault]) == 1, faults.get(fault)
+        return faults[fault][0]
+
+    assert one("wrong_field_count").line == 2 and one("wrong_field_count").file.endswith(good)
+    assert one("non_numeric").line == 3
+    assert one("class_out_of_range").line == 4 and one("class_out_of_range").action == "dropped line"
+    assert one("non_positive_size").line == 5
+    outside = {i.line: i.action for i in faults["box_outside_image"]}
+    assert outside == {6: "clipped box", 7: "dropped line"}
+    assert one("duplicate_box").line == 8 and one("duplicate_box").action == "removed duplicate"
+    unreadable = sorted(i.file.rsplit("/", 1)[-1] for i in faults["unreadable_image"])
+    assert unreadable == ["corrupt.jpg", "truncated.jpg"]
+    assert one("missing_label").file.endswith("nolabel.jpg") and one("missing_label").action == "kept as background"
+    assert one("orphan_label").file.endswith("orphan.txt")
+
+    train = {s.image.name: s for s in result.splits["train"]}
+    assert sorted(train) == ["background.jpg", "good.jpg", "nolabel.jpg"]  # unreadable images skipped
+    good_rows = train["good.jpg"].rows
+    assert good_rows.shape == (3, 5)  # first line, the clipped one, the last one
+    clipped = good_rows[1]
+    assert clipped[1] + clipped[3] / 2 == pytest.approx(1.0, abs=1e-6)
+    assert len(train["background.jpg"].rows) == 0 and len(train["nolabel.jpg"].rows) == 0
+    counts = result.report.counts
+    assert (counts["train/images"], counts["train/backgrounds"], counts["train/skipped_images"]) == (3, 2, 2)
+    assert counts["val/images"] == 1 and counts["val/boxes"] == 1
+
+
+@pytest.mark.parametrize("text, match", [
+    ("train: images/train\nval: images/val\n", "missing key"),
+    ("path: .\ntrain: images/train\nval: images/nowhere\nnames: [a]\n", "does not exist"),
+    ("train: images/train\nval: images/val\nnames: {0: a, 2: b}\n", "without gaps"),
+    ("train: images/train\nval: images/val\nnames: [a, b]\nnc: 3\n", "nc is 3"),
+    ("train: [images/train\n", "not valid YAML"),
+    ("- just a list\n", "mapping"),
+])
+def test_broken_data_yaml_is_fatal_and_clear(faulty_dataset, text, match):
+    faulty_dataset.write_text(text)
+    with pytest.raises(DataSetError, match=match):
+        validate.validate_yolo(faulty_dataset)
+
+
+def test_validate_command_names_every_affected_file(faulty_dataset, tmp_path):
+    result = run_cmd(["yolofps", "validate", str(faulty_dataset), "--json", str(tmp_path / "r.json")], tmp_path)
+    for name in ("good.txt", "corrupt.jpg", "truncated.jpg", "nolabel.jpg", "orphan.txt"):
+        assert name in result.stdout
+    assert "Traceback" not in result.stdout + result.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["faults"]["box_outside_image"] == 2
+    strict = run_cmd(["yolofps", "validate", "--strict", str(faulty_dataset)], tmp_path, check=False)
+    assert strict.returncode == 1
+
+
+def test_validate_command_fatal_exit_without_traceback(faulty_dataset, tmp_path):
+    faulty_dataset.write_text("train: images/train\n")
+    result = run_cmd(["yolofps", "validate", str(faulty_dataset)], tmp_path, check=False)
+    assert result.returncode == 2
+    assert "missing key" in result.stderr and "Traceback" not in result.stderr
+    missing = run_cmd(["yolofps", "validate", str(tmp_path / "nothing.yaml")], tmp_path, check=False)
+    assert missing.returncode == 2 and "not found" in missing.stderr
+
+
+def test_data_stage_on_external_yaml_keeps_only_clean_data(faulty_dataset, tmp_path):
+    cfg = load_config(PROJECT_ROOT / "params.yaml", {"data.source": str(faulty_dataset)})
+    paths = Paths(tmp_path / "work")
+    result = data_stage.run(cfg, paths)
+    out = paths.prepared_data
+    assert sorted(p.name for p in (out / "images" / "train").iterdir()) == ["background.jpg", "good.jpg", "nolabel.jpg"]
+    assert (out / "labels" / "train" / "good.txt").read_text().count("\n") == 3
+    assert validate.validate_yolo(out / "data.yaml").report.issues == []
+    report = json.loads(paths.data_report.read_text())
+    assert report["faults"]["unreadable_image"] == 2
+    assert result.metrics["faults/duplicate_box"] == 1 and result.metrics["train_images"] == 3
+    assert json.loads(paths.metrics("data").read_text()) == result.metrics
+
+
+def test_fatal_source_leaves_previous_outputs(faulty_dataset, tmp_path):
+    paths = Paths(tmp_path / "work")
+    marker = paths.prepared_data / "kept.txt"
+    marker.parent.mkdir(parents=True)
+    marker.write_text("earlier output")
+    faulty_dataset.write_text("names: [a]\n")
+    cfg = load_config(PROJECT_ROOT / "params.yaml", {"data.source": str(faulty_dataset)})
+    with pytest.raises(DataSetError):
+        data_stage.run(cfg, paths)
+    assert marker.read_text() == "earlier output"
+
+
+def test_clean_rows_drops_non_finite():
+    report = validate.ValidationReport(source="x")
+    rows = validate.clean_rows([(0, float("nan"), 0.5, 0.1, 0.1), (0, 0.5, 0.5, 0.1, 0.1)], 1, 0.02, report, "f")
+    assert rows.shape == (1, 5) and np.isfinite(rows).all()
+    assert [i.fault for i in report.issues] == ["non_numeric"]

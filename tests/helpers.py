@@ -1,0 +1,34 @@
+"""Helpers shared by the tests (import as `from helpers import ...`; tests/ is on sys.path)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from yolofps.data.synthetic import SyntheticSpec
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+# Small enough that a whole `dvc repro` takes seconds on 2 cores.
+TINY_PARAMS = {"data.num_train": 12, "data.num_val": 4, "data.image_size": 96, "augment.copies": 1}
+
+TINY_SPEC = SyntheticSpec(num_train=6, num_val=3, image_size=96, min_aspect=0.75, max_objects=4,
+                          background_fraction=0.2, min_visible=0.3)
+
+
+def tool_env() -> dict[str, str]:
+    """Environment for subprocesses: this interpreter's scripts first (yolofps, dvc), analytics off."""
+    env = dict(os.environ)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+    return env
+
+
+def run_cmd(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    """Run a command, capturing output; on failure the assertion shows what it printed."""
+    result = subprocess.run(args, cwd=cwd, env=tool_env(), capture_output=True, text=True)
+    if check:
+        assert result.returncode == 0, f"{args} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+    return result

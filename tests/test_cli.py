@@ -1,0 +1,35 @@
+"""The `yolofps` command: help lists every command; errors are one message, never a traceback."""
+
+from __future__ import annotations
+
+import sys
+
+from helpers import run_cmd
+from yolofps.cli import STAGES
+
+
+def test_help_lists_every_command(tmp_path):
+    out = run_cmd(["yolofps", "--help"], tmp_path).stdout
+    for command in [*STAGES, "validate"]:
+        assert command in out
+
+
+def test_config_error_is_one_line_without_traceback(tmp_path):
+    (tmp_path / "params.yaml").write_text("data:\n  num_trian: 3\n")
+    result = run_cmd(["yolofps", "data"], tmp_path, check=False)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("yolofps: error:") and "num_trian" in result.stderr
+
+
+def test_bad_override_and_missing_params(tmp_path):
+    (tmp_path / "params.yaml").write_text("seed: 0\n")
+    result = run_cmd(["yolofps", "augment", "-S", "augment.copies=many"], tmp_path, check=False)
+    assert result.returncode == 2 and "augment.copies" in result.stderr and "Traceback" not in result.stderr
+    result = run_cmd(["yolofps", "data", "--params", "missing.yaml"], tmp_path, check=False)
+    assert result.returncode == 2 and "missing.yaml" in result.stderr
+
+
+def test_stage_module_main_is_the_cli(tmp_path):
+    result = run_cmd([sys.executable, "-m", "yolofps.stages.data", "--help"], tmp_path)
+    assert "--params" in result.stdout and "-S" in result.stdout

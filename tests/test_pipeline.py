@@ -1,0 +1,84 @@
+"""The pipeline end to end with real DVC and real Prefect, in a throwaway git repo with tiny params."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import yaml
+
+from helpers import PROJECT_ROOT, run_cmd
+from yolofps.cli import STAGES
+from yolofps.paths import Paths
+
+pytestmark = pytest.mark.slow
+
+
+def dvc(project, *args, check=True):
+    return run_cmd([sys.executable, "-m", "dvc", *args], project, check=check)
+
+
+def assert_up_to_date(project):
+    status = dvc(project, "status", "--json").stdout
+    assert json.loads(status) == {}, status
+
+
+def test_dvc_yaml_matches_paths_and_cli():
+    """dvc.yaml is the single definition of the graph: its outs are the paths stages write, deps exist."""
+    stages = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"]
+    paths = Paths()
+    assert set(stages) <= set(STAGES)
+    expected_outs = {
+        "data": {paths.prepared_data, paths.data_report},
+        "augment": {paths.augmented_data},
+    }
+    for name, stage in stages.items():
+        assert stage["cmd"] == f"yolofps {name}"
+        assert {p.as_posix() for p in expected_outs[name]} == set(stage["outs"])
+        assert [next(iter(m)) for m in stage["metrics"]] == [paths.metrics(name).as_posix()]
+        assert f"src/yolofps/stages/{name}.py" in stage["deps"]
+        for dep in stage["deps"]:
+            assert (PROJECT_ROOT / dep).exists() or dep in {p.as_posix() for o in expected_outs.values() for p in o}
+        assert "seed" in stage["params"] and name in stage["params"]
+
+
+def test_dvc_repro_runs_both_stages_then_nothing(project):
+    first = dvc(project, "repro").stdout
+    assert "Running stage 'data'" in first and "Running stage 'augment'" in first
+    metrics = json.loads((project / "metrics" / "augment.json").read_text())
+    assert metrics["train_images_out"] == 24 and metrics["val_images"] == 4
+    second = dvc(project, "repro").stdout
+    assert "Running stage" not in second
+    assert_up_to_date(project)
+    # a params change reruns only the stages that declare it
+    (project / "params.yaml").write_text((project / "params.yaml").read_text().replace("copies: 1", "copies: 0"))
+    rerun = dvc(project, "repro").stdout
+    assert "Running stage 'augment'" in rerun and "Running stage 'data'" not in rerun
+
+
+def test_flow_runs_stages_in_dvc_order_and_leaves_dvc_clean(project, prefect_harness):
+    from flows.pipeline import pipeline
+    from tasks.dvc import stage_order
+
+    assert stage_order(project) == ["data", "augment"]
+    results = pipeline(overrides={"data.num_train": 10}, project_dir=str(project))
+    assert list(results) == ["data", "augment"]
+    assert results["data"]["train_images"] == 10 and results["augment"]["train_images_out"] == 20
+    params = (project / "params.yaml").read_text()
+    assert "num_train: 10" in params and "# yolofps parameters" in params  # comments survive the override
+    assert_up_to_date(project)
+    assert "Running stage" not in dvc(project, "repro").stdout  # a laptop repro after the flow does nothing
+
+
+def test_flow_surfaces_the_stage_error(project, prefect_harness):
+    from flows.pipeline import pipeline
+    from yolofps.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="num_trian"):  # rejected before params.yaml is touched
+        pipeline(overrides={"data.num_trian": 3}, project_dir=str(project))
+    (project / "params.yaml").write_text((project / "params.yaml").read_text().replace("copies: 1", "copies: -3"))
+    state = pipeline(project_dir=str(project), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(Exception, match="augment.copies must be >= 0"):
+        state.result()
