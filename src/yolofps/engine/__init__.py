@@ -1,0 +1,1 @@
+"""Training loop, evaluation (COCO mAP via faster-coco-eval), checkpoints and plots."""
