@@ -25,17 +25,21 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $(STAMP)
 
+# One pipeline-run id per `make demo`, so the MLflow runs of its stages share a tag.
 demo: $(STAMP)
-	$(BIN)/dvc repro
+	YOLOFPS_PIPELINE_RUN_ID=demo-$$(date -u +%Y%m%dT%H%M%S) $(BIN)/dvc repro
 	@echo
 	@echo "Outputs:"
 	@echo "  prepared data set   data/prepared/ (data.yaml, images/, labels/)"
 	@echo "  augmented data set  data/augmented/"
 	@echo "  validation report   reports/data_validation.json"
+	@echo "  trained model       models/train/{best,last}/ (arch.json, weights.safetensors, meta.json)"
 	@echo "  metrics             metrics/*.json   (dvc metrics show)"
+	@echo "  plots               plots/train.csv, plots/train/*.png   (dvc plots show)"
+	@echo "  MLflow runs         $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db   (http://127.0.0.1:5000)"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean-outputs:
-	rm -rf data/prepared data/augmented reports metrics
+	rm -rf data/prepared data/augmented reports models checkpoints plots

@@ -15,8 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger
+from prefect.runtime import flow_run
 
 from tasks.dvc import apply_overrides, run_stage, stage_order
+from yolofps.config import load_config
+from yolofps.lineage import PARENT_RUN_ENV, PIPELINE_RUN_ENV
+from yolofps.registry import pipeline_parent_run
 
 
 @flow(name="yolofps-pipeline", log_prints=True)
@@ -29,7 +33,12 @@ def pipeline(overrides: dict[str, Any] | None = None, project_dir: str = ".") ->
         logger.info("params overrides applied: %s", overrides)
     order = stage_order(root)
     logger.info("stage order from dvc.yaml: %s", " -> ".join(order))
-    return {stage: run_stage(stage, str(root)) for stage in order}
+    run_id = str(flow_run.id or "local")
+    cfg = load_config(root / "params.yaml")
+    tags = {"pipeline_run_id": run_id, "prefect_flow_run_id": run_id, "overrides": str(overrides or {})}
+    with pipeline_parent_run(cfg.mlflow, root, name=f"pipeline-{flow_run.name or run_id[:8]}", tags=tags) as parent:
+        env = {PIPELINE_RUN_ENV: run_id} | ({PARENT_RUN_ENV: parent} if parent else {})
+        return {stage: run_stage(stage, str(root), env) for stage in order}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -53,20 +53,23 @@ def apply_overrides(params_path: Path, overrides: dict[str, Any]) -> None:
     write_text(params_path, buffer.getvalue())
 
 
-def _dvc_env() -> dict[str, str]:
+def _dvc_env(extra: dict[str, str]) -> dict[str, str]:
     """The environment for DVC: this interpreter's scripts folder first, so stage commands find `yolofps`."""
-    env = dict(os.environ)
+    env = dict(os.environ) | extra
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return env
 
 
 @task(name="dvc-repro", task_run_name="dvc repro {stage}")
-def run_stage(stage: str, project_dir: str) -> dict[str, Any]:
-    """Run one DVC stage (`dvc repro --single-item`), stream its output into the log, return its metrics."""
+def run_stage(stage: str, project_dir: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run one DVC stage (`dvc repro --single-item`), stream its output into the log, return its metrics.
+
+    `env` adds variables for the stage (the pipeline run id and MLflow parent run that group one execution).
+    """
     logger = get_run_logger()
     command = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
     tail: deque[str] = deque(maxlen=20)
-    with subprocess.Popen(command, cwd=project_dir, env=_dvc_env(), stdout=subprocess.PIPE,
+    with subprocess.Popen(command, cwd=project_dir, env=_dvc_env(env or {}), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, bufsize=1) as process:
         assert process.stdout is not None
         for line in process.stdout:

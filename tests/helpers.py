@@ -12,7 +12,11 @@ from yolofps.data.synthetic import SyntheticSpec
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 # Small enough that a whole `dvc repro` takes seconds on 2 cores.
-TINY_PARAMS = {"data.num_train": 12, "data.num_val": 4, "data.image_size": 96, "augment.copies": 1}
+TINY_PARAMS = {
+    "data.num_train": 12, "data.num_val": 4, "data.image_size": 96, "augment.copies": 1,
+    "train.model": "tiny", "train.epochs": 2, "train.imgsz": 64, "train.batch": 8, "train.workers": 0,
+    "train.sample_images": 4, "mlflow.system_metrics": False,
+}
 
 TINY_SPEC = SyntheticSpec(num_train=6, num_val=3, image_size=96, min_aspect=0.75, max_objects=4,
                           background_fraction=0.2, min_visible=0.3)

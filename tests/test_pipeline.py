@@ -32,10 +32,12 @@ def test_dvc_yaml_matches_paths_and_cli():
     expected_outs = {
         "data": {paths.prepared_data, paths.data_report},
         "augment": {paths.augmented_data},
+        "train": {paths.models("train"), paths.plots / "train", paths.checkpoints("train")},
     }
     for name, stage in stages.items():
         assert stage["cmd"] == f"yolofps {name}"
-        assert {p.as_posix() for p in expected_outs[name]} == set(stage["outs"])
+        outs = {out if isinstance(out, str) else next(iter(out)) for out in stage["outs"]}
+        assert {p.as_posix() for p in expected_outs[name]} == outs
         assert [next(iter(m)) for m in stage["metrics"]] == [paths.metrics(name).as_posix()]
         assert f"src/yolofps/stages/{name}.py" in stage["deps"]
         for dep in stage["deps"]:
@@ -43,9 +45,10 @@ def test_dvc_yaml_matches_paths_and_cli():
         assert "seed" in stage["params"] and name in stage["params"]
 
 
-def test_dvc_repro_runs_both_stages_then_nothing(project):
+def test_dvc_repro_runs_every_stage_then_nothing(project):
     first = dvc(project, "repro").stdout
-    assert "Running stage 'data'" in first and "Running stage 'augment'" in first
+    assert all(f"Running stage '{name}'" in first for name in ("data", "augment", "train"))
+    assert json.loads((project / "metrics" / "train.json").read_text())["epochs_run"] == 2
     metrics = json.loads((project / "metrics" / "augment.json").read_text())
     assert metrics["train_images_out"] == 24 and metrics["val_images"] == 4
     second = dvc(project, "repro").stdout
@@ -53,7 +56,7 @@ def test_dvc_repro_runs_both_stages_then_nothing(project):
     assert_up_to_date(project)
     # a params change reruns only the stages that declare it
     (project / "params.yaml").write_text((project / "params.yaml").read_text().replace("copies: 1", "copies: 0"))
-    rerun = dvc(project, "repro").stdout
+    rerun = dvc(project, "repro", "augment").stdout
     assert "Running stage 'augment'" in rerun and "Running stage 'data'" not in rerun
 
 
@@ -61,10 +64,11 @@ def test_flow_runs_stages_in_dvc_order_and_leaves_dvc_clean(project, prefect_har
     from flows.pipeline import pipeline
     from tasks.dvc import stage_order
 
-    assert stage_order(project) == ["data", "augment"]
+    assert stage_order(project) == ["data", "augment", "train"]
     results = pipeline(overrides={"data.num_train": 10}, project_dir=str(project))
-    assert list(results) == ["data", "augment"]
+    assert list(results) == ["data", "augment", "train"]
     assert results["data"]["train_images"] == 10 and results["augment"]["train_images_out"] == 20
+    assert "metrics/mAP50-95B" in results["train"]
     params = (project / "params.yaml").read_text()
     assert "num_train: 10" in params and "# yolofps parameters" in params  # comments survive the override
     assert_up_to_date(project)

@@ -20,6 +20,7 @@ from yolofps.errors import YolofpsError
 STAGES: dict[str, tuple[str, str]] = {
     "data": ("yolofps.stages.data", "ingest + validate the data set into data/prepared (DVC stage)"),
     "augment": ("yolofps.stages.augment", "write augmented train copies into data/augmented (DVC stage)"),
+    "train": ("yolofps.stages.train", "train the YOLOv5 baseline, evaluate it, track it in MLflow (DVC stage)"),
 }
 
 

@@ -18,7 +18,8 @@ import yaml
 
 from yolofps.errors import ConfigError
 
-__all__ = ["AugmentConfig", "Config", "ConfigError", "DataConfig", "TransformSpec", "load_config"]
+__all__ = ["AugmentConfig", "Config", "ConfigError", "DataConfig", "MLflowConfig", "TrainConfig", "TransformSpec",
+           "load_config"]
 
 
 def _check(ok: bool, message: str) -> None:
@@ -86,6 +87,73 @@ class AugmentConfig:
 
 
 @dataclass(frozen=True)
+class TrainConfig:
+    """`train` section: model preset, schedule and hyperparameters (defaults from YOLOv5 hyp.scratch-low)."""
+
+    model: Literal["n", "s", "m", "l", "x", "tiny"] = "n"
+    epochs: int = 30
+    imgsz: int = 320  # fixed square input (static shapes: XLA compiles once), multiple of 32
+    batch: int = 16
+    workers: int = 2  # data loader processes
+    resume: bool = False  # continue from checkpoints/train even if the last run finished
+    max_boxes: int = 64  # targets padded to this many per image
+    # optimizer and schedule
+    lr0: float = 0.01
+    lrf: float = 0.01  # final lr = lr0 * lrf
+    cos_lr: bool = False
+    momentum: float = 0.937
+    weight_decay: float = 0.0005
+    warmup_epochs: float = 3.0
+    warmup_momentum: float = 0.8
+    warmup_bias_lr: float = 0.1
+    nominal_batch: int = 64  # gradients accumulate up to this many images per step (yolov5's nbs)
+    ema: bool = True
+    grad_clip: float = 10.0
+    patience: int = 100  # early stop after this many epochs without improvement
+    amp: bool = True  # autocast on CUDA/XLA (bf16 where supported, else fp16 with a grad scaler)
+    # loss gains
+    box: float = 0.05
+    obj: float = 1.0
+    cls: float = 0.5
+    anchor_t: float = 4.0
+    # train-time augmentation (the albumentations list from `augment.transforms` runs as well)
+    mosaic: float = 1.0
+    close_mosaic: int = 5  # turn mosaic off for the last N epochs
+    hsv_h: float = 0.015
+    hsv_s: float = 0.7
+    hsv_v: float = 0.4
+    translate: float = 0.1
+    scale: float = 0.5
+    fliplr: float = 0.5
+    online_transforms: bool = False  # also apply `augment.transforms` online (offline copies already exist)
+    # evaluation (ultralytics val settings)
+    conf: float = 0.001
+    iou: float = 0.6
+    max_det: int = 300
+    sample_images: int = 16  # val images drawn with predictions
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "train.epochs must be >= 1")
+        _check(self.imgsz >= 32 and self.imgsz % 32 == 0, "train.imgsz must be a positive multiple of 32")
+        _check(self.batch >= 1, "train.batch must be >= 1")
+        _check(self.workers >= 0, "train.workers must be >= 0")
+        _check(self.max_boxes >= 1, "train.max_boxes must be >= 1")
+        _check(self.lr0 > 0 and 0 < self.lrf <= 1, "train.lr0 must be > 0 and train.lrf in (0, 1]")
+        _check(0 <= self.mosaic <= 1 and 0 <= self.fliplr <= 1, "train.mosaic and train.fliplr must be in [0, 1]")
+        _check(self.close_mosaic >= 0 and self.patience >= 1, "train.close_mosaic >= 0 and train.patience >= 1")
+        _check(0 <= self.conf < 1 and 0 < self.iou <= 1, "train.conf must be in [0, 1) and train.iou in (0, 1]")
+
+
+@dataclass(frozen=True)
+class MLflowConfig:
+    """`mlflow` section: where runs are tracked (an embedded SQLite store by default, no server)."""
+
+    tracking_uri: str = "sqlite:///mlflow.db"
+    experiment: str = "yolofps"
+    system_metrics: bool = True  # CPU/GPU/memory sampled by MLflow in the background
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole params.yaml."""
 
@@ -93,6 +161,8 @@ class Config:
     device: Literal["auto", "cpu", "cuda", "xla"] = "auto"
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mlflow: MLflowConfig = field(default_factory=MLflowConfig)
 
 
 # --------------------------------------------------------------------------------------------- loading

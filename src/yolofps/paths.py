@@ -39,6 +39,19 @@ class Paths:
         """Validation report of the `data` stage (every fault, file and action)."""
         return self.reports / "data_validation.json"
 
+    def models(self, stage: str) -> Path:
+        """Published model artifacts of a stage (`best/`, `last/`, ...): arch.json + weights + meta."""
+        return self.root / "models" / stage
+
+    def checkpoints(self, stage: str) -> Path:
+        """Resume state of a stage; DVC keeps it between runs (`persist: true`) so a rerun resumes."""
+        return self.root / "checkpoints" / stage
+
+    @property
+    def plots(self) -> Path:
+        """Per-epoch CSVs and PNGs (DVC `plots`)."""
+        return self.root / "plots"
+
     def metrics(self, stage: str) -> Path:
         """Flat metrics JSON of a stage (DVC `metrics`, `cache: false`)."""
         return self.root / "metrics" / f"{stage}.json"

@@ -8,6 +8,7 @@ drops those that keep less than `min_visibility` of their area or fall under `mi
 from __future__ import annotations
 
 import inspect
+import random
 from typing import Sequence
 
 import albumentations as A
@@ -20,10 +21,29 @@ from yolofps.errors import ConfigError
 def build_pipeline(transforms: Sequence[TransformSpec], *, min_visibility: float = 0.3, min_area: float = 4.0,
                    seed: int | None = None) -> A.Compose:
     """An `A.Compose` over the named transforms; bad names or arguments are a ConfigError naming them."""
-    built = [_build_transform(i, spec) for i, spec in enumerate(transforms)]
+    return compose(transforms, min_visibility=min_visibility, min_area=min_area, seed=seed)
+
+
+def compose(transforms: Sequence[TransformSpec], *, leading: Sequence[A.BasicTransform] = (),
+            trailing: Sequence[A.BasicTransform] = (), min_visibility: float = 0.3, min_area: float = 4.0,
+            min_side: float = 0.0, seed: int | None = None) -> A.Compose:
+    """`build_pipeline` with fixed transforms around the user's list (the train loader's mosaic, affine, flips)."""
+    built = [*leading, *(_build_transform(i, spec) for i, spec in enumerate(transforms)), *trailing]
     bbox_params = A.BboxParams(format="yolo", label_fields=["class_labels"], min_visibility=min_visibility,
-                               min_area=min_area, clip=True)
-    return A.Compose(built, bbox_params=bbox_params, seed=seed)
+                               min_area=min_area, min_width=min_side, min_height=min_side, clip=True)
+    pipeline = A.Compose(built, bbox_params=bbox_params)
+    if seed is not None:
+        seed_pipeline(pipeline, seed)
+    return pipeline
+
+
+def seed_pipeline(pipeline: A.Compose, seed: int) -> None:
+    """Seed a Compose with ONE random stream shared by its transforms.
+
+    albumentations 2.0.8's `Compose(seed=)` gives every transform its own generator with the same seed, so
+    transforms with equal probability fire together (a horizontal flip would always come with a vertical one).
+    """
+    pipeline.set_random_state(np.random.default_rng(seed), random.Random(seed))
 
 
 def _build_transform(index: int, spec: TransformSpec) -> A.BasicTransform:
@@ -50,14 +70,25 @@ def _supports_bboxes(cls: type) -> bool:
     return any(getattr(t, "name", "") == "BBOXES" for t in targets)
 
 
-def apply(pipeline: A.Compose, image: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Augment one image and its label rows [n, 5]; returns the new image and the surviving rows."""
-    boxes = _clip_yolo(rows[:, 1:5]) if len(rows) else np.zeros((0, 4), np.float32)
-    out = pipeline(image=image, bboxes=boxes, class_labels=rows[:, 0].astype(np.int64) if len(rows) else [])
+def apply(pipeline: A.Compose, image: np.ndarray, rows: np.ndarray,
+          mosaic_with: Sequence[tuple[np.ndarray, np.ndarray]] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """Augment one image and its label rows [n, 5]; returns the new image and the surviving rows.
+
+    `mosaic_with` are the other (image, rows) pairs for an `A.Mosaic` in the pipeline.
+    """
+    extra = {"mosaic_metadata": [{"image": im, **_box_fields(r)} for im, r in mosaic_with]} if mosaic_with else {}
+    out = pipeline(image=image, **_box_fields(rows), **extra)
     out_boxes = np.asarray(out["bboxes"], np.float32).reshape(-1, 4)
     classes = np.asarray(out["class_labels"], np.float32).reshape(-1, 1)  # albumentations may return floats
     out_rows = np.concatenate([classes, out_boxes], 1) if len(out_boxes) else np.zeros((0, 5), np.float32)
     return out["image"], out_rows[(out_rows[:, 3] > 0) & (out_rows[:, 4] > 0)]
+
+
+def _box_fields(rows: np.ndarray) -> dict:
+    """Label rows as the `bboxes` and `class_labels` fields of an albumentations call."""
+    if not len(rows):
+        return {"bboxes": np.zeros((0, 4), np.float32), "class_labels": []}
+    return {"bboxes": _clip_yolo(rows[:, 1:5]), "class_labels": rows[:, 0].astype(np.int64)}
 
 
 def _clip_yolo(boxes: np.ndarray) -> np.ndarray:

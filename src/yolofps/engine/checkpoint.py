@@ -1,0 +1,90 @@
+"""Model artifacts: `arch.json` + `weights.safetensors` + `meta.json`, never a pickled module.
+
+Resume state (optimizer, EMA, epoch) is a separate `train_state.pt` of plain tensors and numbers, loaded
+with `torch.load(weights_only=True)`. Every folder is written to a temp folder and renamed into place, so
+a killed run never leaves a half-written artifact that a resume would trust.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from yolofps.errors import YolofpsError
+from yolofps.model.spec import ArchSpec
+from yolofps.model.yolo import YOLOv5, build_model
+
+ARCH, WEIGHTS, META, STATE = "arch.json", "weights.safetensors", "meta.json", "train_state.pt"
+
+
+class CheckpointError(YolofpsError):
+    """A model artifact that cannot be loaded; the message names the file and what to do."""
+
+
+def save_model(folder: Path, model: YOLOv5, meta: dict[str, Any], state: dict[str, Any] | None = None) -> Path:
+    """Write a model artifact folder atomically (plus optional resume state); returns the folder."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
+    try:
+        model.spec.to_json(tmp / ARCH)
+        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(weights, str(tmp / WEIGHTS))
+        (tmp / META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+        if state is not None:
+            torch.save(state, tmp / STATE)
+        _replace_dir(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Swap `new` into `target`'s place; the old folder is removed only after the rename succeeded."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+    os.replace(new, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_model(folder: Path) -> tuple[YOLOv5, dict[str, Any]]:
+    """Rebuild a model from its folder; any damaged file is a CheckpointError naming it."""
+    hint = "delete it and rerun the stage that produced it (for train: -S train.resume=false)"
+    try:
+        spec = ArchSpec.from_json(folder / ARCH)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{folder / ARCH}: unreadable architecture ({err}); {hint}") from None
+    try:
+        meta = json.loads((folder / META).read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{folder / META}: unreadable metadata ({err}); {hint}") from None
+    model = build_model(spec)
+    try:
+        weights = load_file(str(folder / WEIGHTS))
+        model.load_state_dict(weights, strict=True)
+    except (OSError, SafetensorError, RuntimeError) as err:
+        raise CheckpointError(f"{folder / WEIGHTS}: weights do not load ({str(err)[:200]}); {hint}") from None
+    return model, meta
+
+
+def load_state(folder: Path) -> dict[str, Any] | None:
+    """Resume state saved next to a model, or None if there is none (weights_only: no unpickling)."""
+    path = folder / STATE
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"{path}: unreadable resume state ({err}); rerun with -S train.resume=false") from None

@@ -1,0 +1,253 @@
+"""The one training loop: train, fine-tune after pruning, distillation and QAT all run through `fit`.
+
+What varies between them is the objective: a callable `(model, images, targets, mask) -> dict` whose
+"loss" entry is optimized (other entries are logged). The step is XLA-safe by construction: fixed shapes,
+no host sync inside it; losses are read off the device only every `log_every` steps.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from copy import deepcopy
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from yolofps import device as dev
+from yolofps.config import TrainConfig
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]
+
+
+class Objective(Protocol):
+    """A loss module: returns a dict with a scalar "loss" to optimize plus named parts to log."""
+
+    def __call__(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
+                 mask: torch.Tensor) -> dict[str, torch.Tensor]: ...
+
+
+@dataclass(frozen=True)
+class LoopSpec:
+    """Optimization schedule of one `fit` call (the train/fine-tune/distill configs fill it)."""
+
+    epochs: int
+    batch: int
+    lr0: float = 0.01
+    lrf: float = 0.01
+    cos_lr: bool = False
+    momentum: float = 0.937
+    weight_decay: float = 0.0005
+    warmup_epochs: float = 3.0
+    warmup_momentum: float = 0.8
+    warmup_bias_lr: float = 0.1
+    nominal_batch: int = 64
+    ema: bool = True
+    grad_clip: float = 10.0
+    patience: int = 100
+    close_mosaic: int = 0
+    log_every: int = 10
+
+    @classmethod
+    def from_config(cls, cfg: TrainConfig) -> LoopSpec:
+        keys = set(cls.__dataclass_fields__) - {"log_every"}
+        return cls(**{k: getattr(cfg, k) for k in keys})
+
+    def lr_factor(self, epoch: int) -> float:
+        """Multiplier of lr0 for an epoch: linear or cosine decay from 1 to lrf (yolov5's schedules)."""
+        if self.cos_lr:
+            return ((1 - math.cos(epoch * math.pi / self.epochs)) / 2) * (self.lrf - 1) + 1
+        return (1 - epoch / self.epochs) * (1.0 - self.lrf) + self.lrf
+
+
+@dataclass
+class FitState:
+    """Everything needed to resume: counters, best fitness and per-epoch history."""
+
+    epoch: int = 0  # epochs completed
+    best_fitness: float = -1.0
+    best_epoch: int = -1
+    stale_epochs: int = 0
+    ema_updates: int = 0
+    optimizer_steps: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class EpochEnd:
+    """Passed to the epoch callback: the record just appended to history, whether it is the new best,
+    and a function producing the resume state (called only when the callback saves a checkpoint)."""
+
+    record: dict[str, float]
+    is_best: bool
+    stop: bool
+    resume_state: Callable[[], dict[str, Any]]
+
+
+class ModelEMA:
+    """Exponential moving average of weights with yolov5's warm-up ramp (decay grows with updates)."""
+
+    def __init__(self, model: nn.Module, decay: float = 0.9999, tau: float = 2000.0, updates: int = 0) -> None:
+        self.module = deepcopy(model).eval()
+        self.decay, self.tau, self.updates = decay, tau, updates
+        for p in self.module.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        self.updates += 1
+        d = self.decay * (1 - math.exp(-self.updates / self.tau))
+        model_state = model.state_dict()
+        for name, value in self.module.state_dict().items():
+            if value.dtype.is_floating_point:
+                value.mul_(d).add_(model_state[name].detach(), alpha=1 - d)
+
+
+def build_optimizer(model: nn.Module, spec: LoopSpec) -> torch.optim.SGD:
+    """SGD (nesterov) with yolov5's three groups: pg0 conv weights (decayed), pg1 norm weights, pg2 biases."""
+    decayed, norm_weights, biases = [], [], []
+    for module in model.modules():
+        if hasattr(module, "bias") and isinstance(module.bias, nn.Parameter):
+            biases.append(module.bias)
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            norm_weights.append(module.weight)
+        elif hasattr(module, "weight") and isinstance(module.weight, nn.Parameter):
+            decayed.append(module.weight)
+    accumulate = max(round(spec.nominal_batch / spec.batch), 1)
+    weight_decay = spec.weight_decay * spec.batch * accumulate / spec.nominal_batch  # scaled like yolov5
+    optimizer = torch.optim.SGD(decayed, lr=spec.lr0, momentum=spec.momentum, nesterov=True,
+                                weight_decay=weight_decay)
+    optimizer.add_param_group({"params": norm_weights, "weight_decay": 0.0})
+    optimizer.add_param_group({"params": biases, "weight_decay": 0.0})
+    return optimizer
+
+
+def _warmup(optimizer: torch.optim.Optimizer, spec: LoopSpec, step: int, warmup_steps: int, epoch: int) -> None:
+    """Linear warm-up: biases from warmup_bias_lr down, others from 0 up; momentum from warmup_momentum."""
+    target = spec.lr0 * spec.lr_factor(epoch)
+    for index, group in enumerate(optimizer.param_groups):
+        start = spec.warmup_bias_lr if index == 2 else 0.0
+        group["lr"] = float(np.interp(step, [0, warmup_steps], [start, target]))
+        group["momentum"] = float(np.interp(step, [0, warmup_steps], [spec.warmup_momentum, spec.momentum]))
+
+
+def fit(model: nn.Module, objective: Objective, make_loader: Callable[[int, bool], Iterable[Batch]],
+        evaluate: Callable[[nn.Module], dict[str, float]], spec: LoopSpec, info: dev.DeviceInfo, *,
+        resume: dict[str, Any] | None = None, on_epoch_end: Callable[[nn.Module, FitState, EpochEnd], None],
+        fitness: Callable[[dict[str, float]], float]) -> tuple[nn.Module, FitState]:
+    """Train `model` for `spec.epochs`; returns the EMA (or raw) model to evaluate/export and the state.
+
+    `make_loader(epoch, mosaic)` gives that epoch's batches (seeded by epoch, so a resumed run sees the
+    same data order). `evaluate(model)` returns metrics; `fitness(metrics)` ranks epochs. `on_epoch_end`
+    saves checkpoints and logs; it runs after every epoch with the model to save.
+    """
+    model = dev.prepare_model(model, info)
+    optimizer = build_optimizer(model, spec)
+    ema = ModelEMA(model) if spec.ema else None
+    state = FitState()
+    if resume is not None:
+        state = _restore(resume, model, optimizer, ema)
+    scaler = dev.grad_scaler(info)
+    for epoch in range(state.epoch, spec.epochs):
+        mosaic = epoch < spec.epochs - spec.close_mosaic
+        losses, seconds, images_seen = _train_epoch(model, objective, make_loader(epoch, mosaic), optimizer, scaler,
+                                                    ema, spec, info, state, epoch)
+        eval_model = ema.module if ema else model
+        metrics = evaluate(eval_model)
+        record = {"epoch": epoch, **losses, "images_per_s": images_seen / max(seconds, 1e-9), **metrics,
+                  **{f"lr/pg{i}": g["lr"] for i, g in enumerate(optimizer.param_groups)}}
+        score = fitness(metrics)
+        is_best = score > state.best_fitness
+        if is_best:
+            state.best_fitness, state.best_epoch, state.stale_epochs = score, epoch, 0
+        else:
+            state.stale_epochs += 1
+        state.epoch = epoch + 1
+        state.ema_updates = ema.updates if ema else 0
+        state.history.append(record)
+        stop = state.stale_epochs >= spec.patience
+        snapshot = lambda: training_state(model, optimizer.state_dict(), ema.module if ema else None, state)  # noqa: E731
+        on_epoch_end(eval_model, state, EpochEnd(record, is_best, stop, snapshot))
+        if stop:
+            print(f"early stop: no improvement for {spec.patience} epochs (best epoch {state.best_epoch})")
+            break
+    return (ema.module if ema else model), state
+
+
+def _train_epoch(model, objective, loader, optimizer, scaler, ema, spec: LoopSpec, info: dev.DeviceInfo,
+                 state: FitState, epoch: int) -> tuple[dict[str, float], float, int]:
+    """One pass over the loader; returns mean losses, seconds and images seen."""
+    model.train()
+    num_batches = len(loader)
+    warmup_steps = max(round(spec.warmup_epochs * num_batches), 100) if spec.warmup_epochs > 0 else 0
+    accumulate = max(round(spec.nominal_batch / spec.batch), 1)
+    for group in optimizer.param_groups:
+        group["lr"] = spec.lr0 * spec.lr_factor(epoch)
+    totals: dict[str, torch.Tensor] = {}
+    images_seen, start, last_step = 0, time.perf_counter(), -1
+    bar = tqdm(loader, total=num_batches, desc=f"epoch {epoch + 1}/{spec.epochs}", disable=None, leave=False)
+    optimizer.zero_grad(set_to_none=True)
+    for i, (images, targets, mask, _) in enumerate(bar):
+        step = i + num_batches * epoch
+        if step < warmup_steps:
+            accumulate = max(1, round(np.interp(step, [0, warmup_steps], [1, spec.nominal_batch / spec.batch])))
+            _warmup(optimizer, spec, step, warmup_steps, epoch)
+        images = dev.to_device(images, info)  # [B, 3, S, S] float 0..1
+        targets, mask = targets.to(info.device, non_blocking=True), mask.to(info.device, non_blocking=True)
+        with dev.autocast(info):
+            parts = objective(model, images, targets, mask)
+        scaler.scale(parts["loss"]).backward()
+        if i - last_step >= accumulate or i + 1 == num_batches:
+            last_step = i
+            _optimizer_step(model, optimizer, scaler, spec)
+            state.optimizer_steps += 1
+            if ema:
+                ema.update(model)
+        dev.mark_step(info)
+        for name, value in parts.items():
+            totals[name] = totals.get(name, 0) + value.detach()  # stays on the device: no sync
+        images_seen += images.shape[0]
+        if i % spec.log_every == 0:  # the only host sync in the loop
+            bar.set_postfix({k: f"{v.item() / (i + 1):.4f}" for k, v in totals.items() if k != "loss"})
+    dev.synchronize(info)
+    seconds = time.perf_counter() - start
+    means = {f"train/{name}_loss" if name != "loss" else "train/loss": float(v) / max(num_batches, 1)
+             for name, v in totals.items()}
+    return means, seconds, images_seen
+
+
+def _optimizer_step(model: nn.Module, optimizer, scaler, spec: LoopSpec) -> None:
+    scaler.unscale_(optimizer)
+    if spec.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=spec.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def training_state(model: nn.Module, optimizer_state: dict | None, ema: nn.Module | None, state: FitState) -> dict:
+    """Resume state as plain tensors/numbers (loadable with weights_only=True)."""
+    return {
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "ema": {k: v.detach().cpu() for k, v in ema.state_dict().items()} if ema is not None else None,
+        "optimizer": optimizer_state,
+        "fit": {k: getattr(state, k) for k in FitState.__dataclass_fields__},
+        "torch_rng": torch.get_rng_state(),
+    }
+
+
+def _restore(saved: dict[str, Any], model: nn.Module, optimizer, ema: ModelEMA | None) -> FitState:
+    model.load_state_dict(saved["model"])
+    if saved.get("optimizer"):
+        optimizer.load_state_dict(saved["optimizer"])
+    state = FitState(**saved["fit"])
+    if ema is not None:
+        ema.module.load_state_dict(saved["ema"] if saved.get("ema") is not None else saved["model"])
+        ema.updates = state.ema_updates
+    if saved.get("torch_rng") is not None:
+        torch.set_rng_state(saved["torch_rng"])
+    return state

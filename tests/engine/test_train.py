@@ -1,0 +1,107 @@
+"""The training loop: a tiny model overfits 4 images; an interrupted run resumes at the right epoch and LR."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from yolofps import device as dev
+from yolofps.data import synthetic
+from yolofps.data.dataset import LoaderSpec, YoloDataset, build_loader
+from yolofps.engine.predict import evaluate_model, fitness
+from yolofps.engine.train import LoopSpec, fit
+from yolofps.model.loss import YOLOv5Loss
+from yolofps.model.spec import preset
+from yolofps.model.yolo import build_model
+from yolofps.stages.train import DetectionObjective
+
+CPU = dev.resolve("cpu")
+# no augmentation: the point is to check the optimizer, loss and evaluation agree
+PLAIN = LoaderSpec(image_size=64, max_boxes=8, mosaic=0.0, hsv_h=0.0, hsv_s=0.0, hsv_v=0.0, translate=0.0,
+                   scale=0.0, fliplr=0.0)
+
+
+@pytest.fixture(scope="module")
+def four_images(tmp_path_factory):
+    spec = synthetic.SyntheticSpec(num_train=4, num_val=1, image_size=64, min_aspect=1.0, max_objects=2,
+                                   background_fraction=0.0, min_visible=0.5)
+    return synthetic.generate(tmp_path_factory.mktemp("four"), spec, seed=3)
+
+
+def _setup(data_yaml, epochs, seed=0):
+    dev.seed_everything(seed)
+    dataset = YoloDataset(data_yaml, "train", PLAIN, train=True, seed=seed)
+    eval_loader = build_loader(YoloDataset(data_yaml, "train", PLAIN, train=False), 4, shuffle=False, workers=0)
+    arch = preset("tiny", len(dataset.names))
+    model = build_model(arch)
+    objective = DetectionObjective(YOLOv5Loss(arch, image_size=64))
+    loop = LoopSpec(epochs=epochs, batch=4, lr0=0.02, warmup_epochs=0, nominal_batch=4, ema=False, close_mosaic=0)
+
+    def make_loader(epoch, mosaic):
+        return build_loader(dataset, 4, shuffle=True, workers=0, seed=seed + epoch)
+
+    def evaluate(m):
+        return evaluate_model(m, eval_loader, CPU, dataset.names)[0].metrics()
+
+    return model, objective, make_loader, evaluate, loop
+
+
+def test_tiny_model_overfits_four_images(four_images):
+    model, objective, make_loader, evaluate, loop = _setup(four_images, epochs=300)  # 1 step per epoch
+    loop = dataclasses.replace(loop, lr0=0.1, patience=10_000)
+    evaluate_every = lambda m: {}  # noqa: E731  evaluation only at the end keeps this test fast
+    trained, state = fit(model, objective, make_loader, evaluate_every, loop, CPU,
+                         on_epoch_end=lambda *a: None, fitness=lambda m: 0.0)
+    first, last = state.history[0]["train/loss"], state.history[-1]["train/loss"]
+    assert last < first / 2, (first, last)
+    assert evaluate(trained)["metrics/mAP50B"] > 0.5
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_continues_at_the_right_epoch_and_lr(four_images):
+    model, objective, make_loader, evaluate, loop = _setup(four_images, epochs=4)
+    _, full = fit(model, objective, make_loader, evaluate, loop, CPU, on_epoch_end=lambda *a: None, fitness=fitness)
+
+    saved = {}
+
+    def stop_after_two(_model, state, end):
+        if state.epoch == 2:
+            saved["state"] = end.resume_state()
+            raise Interrupt
+
+    model, objective, make_loader, evaluate, loop = _setup(four_images, epochs=4)
+    with pytest.raises(Interrupt):
+        fit(model, objective, make_loader, evaluate, loop, CPU, on_epoch_end=stop_after_two, fitness=fitness)
+    model, objective, make_loader, evaluate, loop = _setup(four_images, epochs=4, seed=0)
+    _, resumed = fit(model, objective, make_loader, evaluate, loop, CPU, resume=saved["state"],
+                     on_epoch_end=lambda *a: None, fitness=fitness)
+    assert [r["epoch"] for r in resumed.history] == [0, 1, 2, 3]
+    for before, after in zip(full.history, resumed.history):
+        assert after["lr/pg0"] == pytest.approx(before["lr/pg0"])
+        assert after["train/loss"] == pytest.approx(before["train/loss"], rel=1e-3, abs=1e-4)
+    assert resumed.optimizer_steps == full.optimizer_steps
+
+
+def test_lr_schedule_decays_to_lrf():
+    linear = LoopSpec(epochs=10, batch=4, lr0=0.01, lrf=0.1)
+    cosine = LoopSpec(epochs=10, batch=4, lr0=0.01, lrf=0.1, cos_lr=True)
+    for spec in (linear, cosine):
+        assert spec.lr_factor(0) == pytest.approx(1.0) and spec.lr_factor(10) == pytest.approx(0.1)
+    assert cosine.lr_factor(2) > linear.lr_factor(2)
+
+
+def test_optimizer_groups_follow_yolov5():
+    from yolofps.engine.train import build_optimizer
+
+    model = build_model(preset("tiny", 2))
+    optimizer = build_optimizer(model, LoopSpec(epochs=1, batch=16))
+    decayed, norms, biases = optimizer.param_groups
+    assert decayed["weight_decay"] > 0 and norms["weight_decay"] == 0 and biases["weight_decay"] == 0
+    assert optimizer.defaults["nesterov"] and optimizer.defaults["momentum"] == 0.937
+    count = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+    assert count == sum(p.numel() for p in model.parameters())
+    assert all(p.ndim == 4 for p in decayed["params"]) and all(p.ndim == 1 for p in biases["params"])

@@ -1,0 +1,81 @@
+"""The `train` stage end to end on a tiny set: outputs on disk and a real MLflow run in a SQLite store."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from helpers import PROJECT_ROOT, TINY_PARAMS
+from yolofps.config import load_config
+from yolofps.engine import checkpoint
+from yolofps.lineage import PARENT_RUN_ENV, PIPELINE_RUN_ENV
+from yolofps.paths import Paths
+from yolofps.stages import augment, data, train
+
+METRIC_KEYS = {"metrics/mAP50B", "metrics/mAP50-95B", "metrics/precisionB", "metrics/recallB"}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_stage")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    cfg = load_config(PROJECT_ROOT / "params.yaml", TINY_PARAMS | {"mlflow.tracking_uri": uri, "data.num_train": 8,
+                                                                   "augment.copies": 0})
+    paths = Paths(root)
+    data.run(cfg, paths)
+    augment.run(cfg, paths)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(PIPELINE_RUN_ENV, "pipeline-123")
+        patch.delenv(PARENT_RUN_ENV, raising=False)
+        result = train.run(cfg, paths)
+    return cfg, paths, result
+
+
+def test_outputs_on_disk(trained):
+    cfg, paths, result = trained
+    metrics = json.loads(paths.metrics("train").read_text())
+    assert METRIC_KEYS <= set(metrics) and metrics == result.metrics
+    assert all(0.0 <= metrics[key] <= 1.0 for key in METRIC_KEYS)
+    assert metrics["epochs_run"] == cfg.train.epochs and metrics["params"] > 0
+    for name in ("best", "last"):
+        model, meta = checkpoint.load_model(paths.models("train") / name)
+        assert meta["names"] == ["ellipse", "rectangle", "triangle", "cross"] and meta["finished"] is True
+        assert meta["imgsz"] == cfg.train.imgsz
+    with (paths.plots / "train.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert [int(r["epoch"]) for r in rows] == list(range(cfg.train.epochs))
+    assert {"train/box_loss", "train/obj_loss", "train/cls_loss", "lr/pg0", "lr/pg2"} | METRIC_KEYS <= set(rows[0])
+    for png in ("pr_curve.png", "confusion_matrix.png", "val_predictions.png"):
+        assert (paths.plots / "train" / png).stat().st_size > 1000
+
+
+def test_mlflow_run_holds_metrics_params_tags_and_artifacts(trained):
+    from mlflow import MlflowClient
+
+    cfg, _, _ = trained
+    client = MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
+    experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED"
+    assert METRIC_KEYS | {"train/box_loss", "train/obj_loss", "train/cls_loss", "lr/pg0"} <= set(run.data.metrics)
+    assert len(client.get_metric_history(run.info.run_id, "train/box_loss")) == cfg.train.epochs
+    assert run.data.params["train.model"] == "tiny" and run.data.params["seed"] == "0"
+    assert run.data.tags["pipeline_run_id"] == "pipeline-123" and run.data.tags["stage"] == "train"
+    assert "git_commit" in run.data.tags and "params_hash" in run.data.tags
+
+    def artifacts(path=None):
+        for item in client.list_artifacts(run.info.run_id, path):
+            yield from artifacts(item.path) if item.is_dir else [item.path]
+
+    found = set(artifacts())
+    assert {"model/best/arch.json", "model/best/weights.safetensors", "model/last/meta.json",
+            "plots/pr_curve.png", "results/train.csv", "results/train.json"} <= found
+
+
+def test_rerun_after_a_finished_run_starts_over_and_forced_resume_continues(trained, capsys):
+    cfg, paths, _ = trained
+    assert train._resume_state(paths, "other-hash", force=False) is None
+    state = train._resume_state(paths, "other-hash", force=True)
+    assert state["fit"]["epoch"] == cfg.train.epochs
