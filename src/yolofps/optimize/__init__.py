@@ -1,0 +1,1 @@
+"""Model optimization: structured pruning, distillation, export and quantization."""
