@@ -9,7 +9,7 @@ import pytest
 
 from helpers import PROJECT_ROOT, TINY_PARAMS
 from yolofps.config import load_config
-from yolofps.engine import checkpoint
+from yolofps.engine import checkpoint, job
 from yolofps.lineage import PARENT_RUN_ENV, PIPELINE_RUN_ENV
 from yolofps.paths import Paths
 from yolofps.stages import augment, data, train
@@ -76,6 +76,6 @@ def test_mlflow_run_holds_metrics_params_tags_and_artifacts(trained):
 
 def test_rerun_after_a_finished_run_starts_over_and_forced_resume_continues(trained, capsys):
     cfg, paths, _ = trained
-    assert train._resume_state(paths, "other-hash", force=False) is None
-    state = train._resume_state(paths, "other-hash", force=True)
+    assert job.resume_state(paths.checkpoints("train"), "other-hash", force=False) is None
+    state = job.resume_state(paths.checkpoints("train"), "other-hash", force=True)
     assert state["fit"]["epoch"] == cfg.train.epochs

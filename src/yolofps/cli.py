@@ -21,6 +21,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "data": ("yolofps.stages.data", "ingest + validate the data set into data/prepared (DVC stage)"),
     "augment": ("yolofps.stages.augment", "write augmented train copies into data/augmented (DVC stage)"),
     "train": ("yolofps.stages.train", "train the YOLOv5 baseline, evaluate it, track it in MLflow (DVC stage)"),
+    "prune": ("yolofps.stages.prune", "structured channel pruning + fine-tuning per ratio (DVC stage)"),
+    "distill": ("yolofps.stages.distill", "distill the baseline into the pruned student, with a no-KD control (DVC stage)"),
 }
 
 

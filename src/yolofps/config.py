@@ -18,8 +18,8 @@ import yaml
 
 from yolofps.errors import ConfigError
 
-__all__ = ["AugmentConfig", "Config", "ConfigError", "DataConfig", "MLflowConfig", "TrainConfig", "TransformSpec",
-           "load_config"]
+__all__ = ["AugmentConfig", "Config", "ConfigError", "DataConfig", "DistillConfig", "MLflowConfig", "PruneConfig",
+           "QuantizeConfig", "TrainConfig", "TransformSpec", "load_config"]
 
 
 def _check(ok: bool, message: str) -> None:
@@ -67,7 +67,7 @@ DEFAULT_TRANSFORMS = (
     TransformSpec("Affine", {"scale": [0.5, 1.5], "translate_percent": [-0.1, 0.1], "fill": 114, "p": 0.8}),
     TransformSpec("RandomBrightnessContrast", {"p": 0.2}),
     TransformSpec("Blur", {"blur_limit": 3, "p": 0.05}),
-    TransformSpec("GaussNoise", {"p": 0.05}),
+    TransformSpec("GaussNoise", {"std_range": [0.02, 0.08], "p": 0.05}),
 )
 
 
@@ -98,7 +98,8 @@ class TrainConfig:
     resume: bool = False  # continue from checkpoints/train even if the last run finished
     max_boxes: int = 64  # targets padded to this many per image
     # optimizer and schedule
-    lr0: float = 0.01
+    optimizer: Literal["auto", "SGD", "AdamW"] = "auto"  # auto: ultralytics' rule (AdamW for short runs)
+    lr0: float = 0.01  # ignored with optimizer: auto (it picks lr0 and momentum)
     lrf: float = 0.01  # final lr = lr0 * lrf
     cos_lr: bool = False
     momentum: float = 0.937
@@ -145,6 +146,56 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class PruneConfig:
+    """`prune` section: structured channel pruning (torch-pruning DepGraph) + fine-tuning per ratio."""
+
+    ratios: tuple[float, ...] = (0.3, 0.5)
+    importance: Literal["l2", "group_norm"] = "l2"
+    round_to: int = 8  # pruned widths stay multiples of this (SIMD / tensor-core friendly)
+    iterative_steps: int = 1
+    finetune_epochs: int = 10  # with the train section's hyperparameters (warm-up capped at 1 epoch)
+
+    def __post_init__(self) -> None:
+        _check(len(self.ratios) >= 1 and all(0 < r < 1 for r in self.ratios), "prune.ratios must be in (0, 1)")
+        _check(len(set(self.ratios)) == len(self.ratios), "prune.ratios must not repeat")
+        _check(self.round_to >= 1 and self.iterative_steps >= 1, "prune.round_to and prune.iterative_steps >= 1")
+        _check(self.finetune_epochs >= 1, "prune.finetune_epochs must be >= 1")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """`distill` section: teacher = the trained baseline; student = a pruned copy (or a preset) trained with KD."""
+
+    student: str = "pruned"  # "pruned" (the baseline pruned at `ratio`) or a preset name: n | s | tiny ...
+    ratio: float = 0.5  # prune ratio of the student; must be one of prune.ratios for the no-KD comparison
+    epochs: int = 10  # equal to prune.finetune_epochs makes the KD vs no-KD comparison fair
+    weight: float = 1.0  # distillation loss weight
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check(0 < self.ratio < 1, "distill.ratio must be in (0, 1)")
+        _check(self.epochs >= 1 and self.weight >= 0 and self.temperature > 0,
+               "distill.epochs >= 1, distill.weight >= 0 and distill.temperature > 0")
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """`quantize` section: ONNX Runtime fp32 and static INT8 (CPU); fp16/bf16 variants on CUDA."""
+
+    source: str = "distill"  # which model to quantize: distill | train | prune-<ratio>
+    calibration_images: int = 64  # train images used to calibrate INT8 activation ranges
+    per_channel: bool = True
+    keep_head_float: bool = True  # the Detect decode math stays float (quantizing it destroys mAP)
+    max_map_drop: float = 0.015  # INT8 losing more mAP50-95 than this vs its fp32 source is rejected
+    opset: int = 17
+
+    def __post_init__(self) -> None:
+        _check(self.calibration_images >= 1, "quantize.calibration_images must be >= 1")
+        _check(0 <= self.max_map_drop <= 1, "quantize.max_map_drop must be in [0, 1]")
+        _check(self.opset >= 17, "quantize.opset must be >= 17")
+
+
+@dataclass(frozen=True)
 class MLflowConfig:
     """`mlflow` section: where runs are tracked (an embedded SQLite store by default, no server)."""
 
@@ -162,7 +213,15 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     mlflow: MLflowConfig = field(default_factory=MLflowConfig)
+
+    def __post_init__(self) -> None:
+        if self.distill.student == "pruned":
+            _check(self.distill.ratio in self.prune.ratios,
+                   f"distill.ratio {self.distill.ratio} must be one of prune.ratios {list(self.prune.ratios)}")
 
 
 # --------------------------------------------------------------------------------------------- loading

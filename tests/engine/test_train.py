@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 
 from yolofps import device as dev
 from yolofps.data import synthetic
@@ -105,3 +106,21 @@ def test_optimizer_groups_follow_yolov5():
     count = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
     assert count == sum(p.numel() for p in model.parameters())
     assert all(p.ndim == 4 for p in decayed["params"]) and all(p.ndim == 1 for p in biases["params"])
+
+
+def test_auto_optimizer_follows_ultralytics():
+    from yolofps.engine.train import pick_optimizer
+
+    short = pick_optimizer("auto", lr0=0.01, momentum=0.937, warmup_bias_lr=0.1, num_images=400, batch=16,
+                           nominal_batch=64, epochs=30, num_classes=4)
+    assert short == ("AdamW", 0.00125, 0.9, 0.0)
+    long = pick_optimizer("auto", lr0=0.01, momentum=0.937, warmup_bias_lr=0.1, num_images=120_000, batch=16,
+                          nominal_batch=64, epochs=300, num_classes=80)
+    assert long[0] == "SGD"
+    assert pick_optimizer("SGD", lr0=0.02, momentum=0.9, warmup_bias_lr=0.1, num_images=1, batch=1,
+                          nominal_batch=1, epochs=1, num_classes=1) == ("SGD", 0.02, 0.9, 0.1)
+    model = build_model(preset("tiny", 2))
+    from yolofps.engine.train import build_optimizer
+
+    adam = build_optimizer(model, LoopSpec(epochs=1, batch=16, optimizer="AdamW", lr0=0.001))
+    assert isinstance(adam, torch.optim.AdamW) and len(adam.param_groups) == 3

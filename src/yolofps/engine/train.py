@@ -37,6 +37,7 @@ class LoopSpec:
 
     epochs: int
     batch: int
+    optimizer: str = "SGD"  # SGD | AdamW (choose with `pick_optimizer` for ultralytics' "auto")
     lr0: float = 0.01
     lrf: float = 0.01
     cos_lr: bool = False
@@ -53,9 +54,15 @@ class LoopSpec:
     log_every: int = 10
 
     @classmethod
-    def from_config(cls, cfg: TrainConfig) -> LoopSpec:
-        keys = set(cls.__dataclass_fields__) - {"log_every"}
-        return cls(**{k: getattr(cfg, k) for k in keys})
+    def from_config(cls, cfg: TrainConfig, *, num_images: int, num_classes: int) -> LoopSpec:
+        """The loop's view of a train-like config; `optimizer: auto` is resolved here."""
+        keys = set(cls.__dataclass_fields__) - {"log_every", "optimizer"}
+        values = {k: getattr(cfg, k) for k in keys}
+        values["optimizer"], values["lr0"], values["momentum"], values["warmup_bias_lr"] = pick_optimizer(
+            cfg.optimizer, lr0=cfg.lr0, momentum=cfg.momentum, warmup_bias_lr=cfg.warmup_bias_lr,
+            num_images=num_images, batch=cfg.batch, nominal_batch=cfg.nominal_batch, epochs=cfg.epochs,
+            num_classes=num_classes)
+        return cls(**values)
 
     def lr_factor(self, epoch: int) -> float:
         """Multiplier of lr0 for an epoch: linear or cosine decay from 1 to lrf (yolov5's schedules)."""
@@ -107,8 +114,22 @@ class ModelEMA:
                 value.mul_(d).add_(model_state[name].detach(), alpha=1 - d)
 
 
-def build_optimizer(model: nn.Module, spec: LoopSpec) -> torch.optim.SGD:
-    """SGD (nesterov) with yolov5's three groups: pg0 conv weights (decayed), pg1 norm weights, pg2 biases."""
+def pick_optimizer(name: str, *, lr0: float, momentum: float, warmup_bias_lr: float, num_images: int,
+                   batch: int, nominal_batch: int, epochs: int, num_classes: int) -> tuple[str, float, float, float]:
+    """ultralytics' `optimizer: auto`: AdamW with a class-count lr for short runs (<= 10k iterations), else SGD.
+
+    Returns (optimizer, lr0, momentum, warmup_bias_lr); explicit names pass through unchanged.
+    """
+    if name != "auto":
+        return name, lr0, momentum, warmup_bias_lr
+    iterations = math.ceil(num_images / max(batch, nominal_batch)) * epochs
+    if iterations > 10_000:
+        return "SGD", 0.01, 0.9, warmup_bias_lr
+    return "AdamW", round(0.002 * 5 / (4 + num_classes), 6), 0.9, 0.0  # bias lr above 0.01 destabilizes Adam
+
+
+def build_optimizer(model: nn.Module, spec: LoopSpec) -> torch.optim.Optimizer:
+    """SGD (nesterov) or AdamW with yolov5's three groups: pg0 conv weights (decayed), pg1 norm weights, pg2 biases."""
     decayed, norm_weights, biases = [], [], []
     for module in model.modules():
         if hasattr(module, "bias") and isinstance(module.bias, nn.Parameter):
@@ -119,20 +140,27 @@ def build_optimizer(model: nn.Module, spec: LoopSpec) -> torch.optim.SGD:
             decayed.append(module.weight)
     accumulate = max(round(spec.nominal_batch / spec.batch), 1)
     weight_decay = spec.weight_decay * spec.batch * accumulate / spec.nominal_batch  # scaled like yolov5
-    optimizer = torch.optim.SGD(decayed, lr=spec.lr0, momentum=spec.momentum, nesterov=True,
-                                weight_decay=weight_decay)
+    if spec.optimizer == "AdamW":
+        optimizer = torch.optim.AdamW(decayed, lr=spec.lr0, betas=(spec.momentum, 0.999), weight_decay=weight_decay)
+    else:
+        optimizer = torch.optim.SGD(decayed, lr=spec.lr0, momentum=spec.momentum, nesterov=True,
+                                    weight_decay=weight_decay)
     optimizer.add_param_group({"params": norm_weights, "weight_decay": 0.0})
     optimizer.add_param_group({"params": biases, "weight_decay": 0.0})
     return optimizer
 
 
 def _warmup(optimizer: torch.optim.Optimizer, spec: LoopSpec, step: int, warmup_steps: int, epoch: int) -> None:
-    """Linear warm-up: biases from warmup_bias_lr down, others from 0 up; momentum from warmup_momentum."""
+    """Linear warm-up: biases from warmup_bias_lr down, others from 0 up; momentum (Adam: beta1) ramps up."""
     target = spec.lr0 * spec.lr_factor(epoch)
+    momentum = float(np.interp(step, [0, warmup_steps], [spec.warmup_momentum, spec.momentum]))
     for index, group in enumerate(optimizer.param_groups):
         start = spec.warmup_bias_lr if index == 2 else 0.0
         group["lr"] = float(np.interp(step, [0, warmup_steps], [start, target]))
-        group["momentum"] = float(np.interp(step, [0, warmup_steps], [spec.warmup_momentum, spec.momentum]))
+        if "betas" in group:
+            group["betas"] = (momentum, group["betas"][1])
+        else:
+            group["momentum"] = momentum
 
 
 def fit(model: nn.Module, objective: Objective, make_loader: Callable[[int, bool], Iterable[Batch]],

@@ -1,0 +1,140 @@
+"""A training job: loaders + the one loop + per-epoch checkpoints/history/tracking + final evaluation.
+
+`train` runs one from scratch; `prune` fine-tunes each pruned model and `distill` trains a student through
+the same job, so resume, evaluation, checkpoints and MLflow logging behave identically everywhere.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from yolofps import device as dev
+from yolofps.config import Config, TrainConfig, to_dict
+from yolofps.data.dataset import LoaderSpec, YoloDataset, build_loader
+from yolofps.engine import checkpoint
+from yolofps.engine.evaluate import EvalResult
+from yolofps.engine.predict import Predictions, evaluate_model, fitness
+from yolofps.engine.train import EpochEnd, FitState, LoopSpec, Objective, fit
+from yolofps.fileio import write_json
+from yolofps.lineage import params_hash
+from yolofps.model.yolo import YOLOv5
+from yolofps.paths import Paths
+from yolofps.registry import TrackingRun
+
+
+@dataclass
+class Data:
+    """Train and val datasets plus the val loader of one job."""
+
+    train_set: YoloDataset
+    val_loader: Any
+    names: tuple[str, ...]
+
+
+@dataclass
+class JobResult:
+    """The best model (eval mode, on the device), the loop state, and its final evaluation."""
+
+    model: YOLOv5
+    state: FitState
+    result: EvalResult
+    predictions: Predictions
+
+
+def load_data(cfg: Config, paths: Paths, train: TrainConfig) -> Data:
+    """Datasets for training on the augmented data set and evaluating on its val split."""
+    data_yaml = paths.augmented_data / "data.yaml"
+    spec = LoaderSpec(image_size=train.imgsz, max_boxes=train.max_boxes, mosaic=train.mosaic, hsv_h=train.hsv_h,
+                      hsv_s=train.hsv_s, hsv_v=train.hsv_v, translate=train.translate, scale=train.scale,
+                      fliplr=train.fliplr)
+    extra = cfg.augment.transforms if train.online_transforms else ()
+    train_set = YoloDataset(data_yaml, "train", spec, train=True, extra_transforms=extra, seed=cfg.seed)
+    val_set = YoloDataset(data_yaml, "val", spec, train=False)
+    return Data(train_set, build_loader(val_set, train.batch, shuffle=False, workers=0), train_set.names)
+
+
+def evaluate(model, data: Data, info: dev.DeviceInfo, train: TrainConfig) -> tuple[EvalResult, Predictions]:
+    """COCO evaluation with the train section's val settings."""
+    return evaluate_model(model, data.val_loader, info, data.names, conf=train.conf, iou=train.iou,
+                          max_det=train.max_det)
+
+
+def job_hash(cfg: Config, train: TrainConfig, extra: Any = None) -> str:
+    """What must match for an interrupted job to be resumed automatically."""
+    return params_hash({"seed": cfg.seed, "train": to_dict(train), "augment": to_dict(cfg.augment), "extra": extra})
+
+
+def run_job(cfg: Config, train: TrainConfig, data: Data, model: YOLOv5, objective: Objective, *,
+            info: dev.DeviceInfo, checkpoints: Path, history_csv: Path, tracking: TrackingRun,
+            meta: dict[str, Any], force_resume: bool = False) -> JobResult:
+    """Train `model` with `objective`; resumes from `checkpoints/last` when a matching run was cut short."""
+    loop = LoopSpec.from_config(train, num_images=len(data.train_set), num_classes=len(data.names))
+    meta = meta | {"optimizer": loop.optimizer, "device": info.name}
+    print(f"{meta.get('job', 'train')}: {len(data.train_set)} images, {loop.epochs} epochs, {loop.optimizer} "
+          f"lr0={loop.lr0} on {info.name}", flush=True)
+
+    def make_loader(epoch: int, mosaic: bool):
+        data.train_set.set_mosaic(mosaic)
+        return build_loader(data.train_set, train.batch, shuffle=True, workers=train.workers,
+                            seed=cfg.seed + epoch, drop_last=len(data.train_set) > train.batch)
+
+    resume = resume_state(checkpoints, meta["params_hash"], force=force_resume)
+    best, state = fit(model, objective, make_loader, lambda m: evaluate(m, data, info, train)[0].metrics(), loop,
+                      info, resume=resume, on_epoch_end=epoch_callback(checkpoints, history_csv, meta, tracking),
+                      fitness=fitness)
+    best_model, _ = checkpoint.load_model(checkpoints / "best")
+    best_model = dev.prepare_model(best_model, info).eval()
+    result, predictions = evaluate(best_model, data, info, train)
+    return JobResult(best_model, state, result, predictions)
+
+
+def resume_state(checkpoints: Path, section_hash: str, *, force: bool) -> dict[str, Any] | None:
+    """Resume when forced, or when the last run with the same params stopped before its last epoch."""
+    last = checkpoints / "last"
+    if not (last / checkpoint.STATE).is_file():
+        return None
+    _, meta = checkpoint.load_model(last)  # a damaged checkpoint fails here with a named error
+    state = checkpoint.load_state(last)
+    if force or (not meta.get("finished", False) and meta.get("params_hash") == section_hash):
+        print(f"resuming from {last} after epoch {state['fit']['epoch']}", flush=True)
+        return state
+    return None
+
+
+def epoch_callback(checkpoints: Path, history_csv: Path, meta: dict[str, Any],
+                   tracking: TrackingRun) -> Callable[[Any, FitState, EpochEnd], None]:
+    """Per epoch: save last (+ resume state) and best, rewrite the history CSV, log metrics to MLflow."""
+    name = meta.get("job", "train")
+
+    def on_epoch_end(model, state: FitState, end: EpochEnd) -> None:
+        epoch_meta = meta | {"epoch": state.epoch, "metrics": end.record, "finished": False}
+        checkpoint.save_model(checkpoints / "last", model, epoch_meta, state=end.resume_state())
+        if end.is_best:
+            checkpoint.save_model(checkpoints / "best", model, epoch_meta)
+        write_history(history_csv, state.history)
+        tracking.log_metrics({k: v for k, v in end.record.items() if k != "epoch"}, step=state.epoch)
+        line = "  ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in end.record.items() if k != "epoch")
+        print(f"{name}: epoch {state.epoch}: {line}", flush=True)
+
+    return on_epoch_end
+
+
+def mark_finished(checkpoints: Path, meta: dict[str, Any]) -> None:
+    """Record that the job completed, so a later rerun starts over instead of resuming."""
+    path = checkpoints / "last" / checkpoint.META
+    write_json(path, json.loads(path.read_text()) | meta | {"finished": True})
+
+
+def write_history(path: Path, history: list[dict[str, float]]) -> None:
+    """Per-epoch records as CSV (DVC plots), written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+    tmp.replace(path)

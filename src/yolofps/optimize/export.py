@@ -1,0 +1,64 @@
+"""ONNX export of the eval-mode detector, and an onnxruntime session that stands in for the torch model."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+
+from yolofps.model.yolo import YOLOv5
+
+INPUT_NAME = "images"  # float32 [B, 3, S, S] RGB in 0..1
+OUTPUT_NAME = "predictions"  # float32 [B, N, 5 + nc]: xywh pixels, objectness, class scores (sigmoid applied)
+
+
+def export_onnx(model: YOLOv5, path: Path, image_size: int, *, opset: int = 17) -> Path:
+    """ONNX of the eval-mode model: 'images' float32 [B, 3, S, S] in 0..1 -> decoded 'predictions' [B, N, 5+nc]."""
+    # a CPU fp32 copy: the caller's model keeps its device, dtype and train/eval mode
+    model = copy.deepcopy(model).cpu().float().eval()
+    example = torch.zeros(1, 3, image_size, image_size)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        # dynamo=False: the TorchScript exporter needs no onnxscript; in eval mode it folds BatchNorm into the convs
+        torch.onnx.export(model, (example,), str(path), dynamo=False, opset_version=opset,
+                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}},
+                          do_constant_folding=True)
+    onnx.checker.check_model(str(path))
+    return path
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    """Full graph optimization (Conv/QDQ fusions), sequential execution, `threads` intra-op threads (None: ORT's)."""
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL  # a CNN is one chain: inter-op threads only contend
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    return options
+
+
+class OrtDetector:
+    """An onnxruntime session behind the same call as a torch detector: eval(), __call__(images) -> predictions."""
+
+    def __init__(self, path: Path, *, threads: int | None = None):
+        self.path = Path(path)
+        self.session = ort.InferenceSession(str(self.path), session_options(threads),
+                                            providers=["CPUExecutionProvider"])
+        self.input_name = self.session.get_inputs()[0].name
+        self.output_name = self.session.get_outputs()[0].name
+
+    def eval(self) -> OrtDetector:
+        """No-op (a session has no train mode); returns self like nn.Module.eval."""
+        return self
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """float [B, 3, S, S] in 0..1 (any device) -> decoded predictions [B, N, 5+nc] on the same device."""
+        batch = np.ascontiguousarray(images.detach().cpu().float().numpy())
+        (predictions,) = self.session.run([self.output_name], {self.input_name: batch})
+        return torch.from_numpy(predictions).to(images.device)

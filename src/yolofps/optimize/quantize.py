@@ -1,0 +1,103 @@
+"""CPU INT8: onnxruntime static (post-training) quantization of an exported detector, with the decode kept float.
+
+Naive INT8 of YOLOv5 can drop mAP to 0 (onnxruntime#10787): the Detect decode mixes tensors of very different
+ranges (sigmoid outputs in 0..1, grid offsets up to S/8, anchor sizes up to ~S pixels) in one Concat, and a single
+uint8 scale for that Concat rounds the scores away. So the decode after the three Detect convs stays float; its
+arithmetic is a few elementwise ops on the small output maps, cheap in fp32.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence
+
+import cv2
+import numpy as np
+import onnx
+from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                      quantize_static)
+from onnxruntime.quantization.shape_inference import quant_pre_process
+
+from yolofps.data.dataset import letterbox
+
+CALIBRATION_METHODS = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+                       "entropy": CalibrationMethod.Entropy}
+
+
+class _BatchReader(CalibrationDataReader):
+    """Feeds calibration batches to the quantizer's calibration session and counts the images."""
+
+    def __init__(self, input_name: str, batches: Iterable[np.ndarray]):
+        self.input_name = input_name
+        self._batches = iter(batches)
+        self.images = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self._batches, None)
+        if batch is None:
+            return None
+        self.images += len(batch)
+        return {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)}
+
+
+def detect_head_nodes(model: onnx.ModelProto) -> tuple[list[str], list[str]]:
+    """(decode nodes, Detect output convs): every node between the last convs and the graph outputs, found by a walk
+    from the outputs back to the first Conv on each path."""
+    producers = {output: node for node in model.graph.node for output in node.output}
+    decode: dict[str, onnx.NodeProto] = {}
+    convs: dict[str, onnx.NodeProto] = {}
+    pending = [producers[o.name] for o in model.graph.output if o.name in producers]
+    while pending:
+        node = pending.pop()
+        if node.name in decode or node.name in convs:
+            continue
+        if node.op_type == "Conv":
+            convs[node.name] = node  # the head's 1x1 convs: the walk stops here
+            continue
+        decode[node.name] = node
+        if node.op_type == "Shape":
+            continue  # it reads only the shape of its input, so what made that input is not part of the decode
+        pending.extend(producers[i] for i in node.input if i in producers)
+    return list(decode), list(convs)
+
+
+def quantize_static_int8(fp32_path: Path, out_path: Path, calibration: Iterable[np.ndarray], *,
+                         per_channel: bool = True, keep_head_float: bool = True, keep_head_convs_float: bool = False,
+                         method: str = "minmax", reduce_range: bool = False,
+                         op_types: Sequence[str] | None = None) -> dict:
+    """QDQ INT8 (QUInt8 activations, QInt8 weights) calibrated on `calibration` batches; returns what was done."""
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(f"calibration method must be one of {sorted(CALIBRATION_METHODS)}, got {method!r}")
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        # ONNX shape inference + ORT's basic graph optimizations (constant folding, fusions) before placing QDQ
+        # pairs; symbolic shape inference is for transformers and trips over the decode's Range/Expand grids
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        model = onnx.load(str(prepared))
+        decode, head_convs = detect_head_nodes(model)
+        excluded = (decode if keep_head_float else []) + (head_convs if keep_head_convs_float else [])
+        reader = _BatchReader(model.graph.input[0].name, calibration)
+        quantize_static(str(prepared), str(out_path), reader, quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=list(op_types) if op_types else None,
+                        per_channel=per_channel, reduce_range=reduce_range,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        nodes_to_exclude=excluded, calibrate_method=CALIBRATION_METHODS[method],
+                        extra_options={"CalibTensorRangeSymmetric": False})
+    if reader.images == 0:
+        raise ValueError("calibration gave no images")
+    return {"format": "QDQ", "activations": "QUInt8", "weights": "QInt8", "per_channel": per_channel,
+            "reduce_range": reduce_range, "calibration": method, "calibration_images": reader.images,
+            "excluded_nodes": len(excluded), "head_convs_float": keep_head_convs_float}
+
+
+def calibration_batches(image_paths: Sequence[Path], image_size: int) -> Iterator[np.ndarray]:
+    """Letterboxed RGB float32 [1, 3, S, S] in 0..1, one image per batch: the same preprocessing as evaluation."""
+    for path in image_paths:
+        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if image is None:
+            raise ValueError(f"{path}: cannot be read as an image")
+        image, _, _ = letterbox(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), image_size)
+        yield (image.transpose(2, 0, 1)[None].astype(np.float32) / 255.0)  # [1, 3, S, S]

@@ -1,0 +1,157 @@
+"""ONNX export, onnxruntime INT8 static quantization, and the ORT detector behind engine.predict."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from torch import nn
+
+from yolofps import device as dev
+from yolofps.data import synthetic
+from yolofps.data.dataset import LoaderSpec, YoloDataset, build_loader
+from yolofps.engine.predict import predict
+from yolofps.model.spec import preset
+from yolofps.model.yolo import YOLOv5, build_model
+from yolofps.optimize.export import OrtDetector, export_onnx
+from yolofps.optimize.quantize import calibration_batches, detect_head_nodes, quantize_static_int8
+
+from helpers import TINY_SPEC
+
+SIZE = 64
+
+
+@pytest.fixture(scope="module")
+def data_yaml(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """8 calibration (train) + 4 evaluation (val) synthetic images."""
+    spec = dataclasses.replace(TINY_SPEC, num_train=8, num_val=4, image_size=SIZE)
+    return synthetic.generate(tmp_path_factory.mktemp("synthetic"), spec, seed=0)
+
+
+def _images(data_yaml: Path, split: str) -> list[Path]:
+    return sorted((data_yaml.parent / "images" / split).glob("*.jpg"))
+
+
+def _lively(model: YOLOv5, images: torch.Tensor) -> YOLOv5:
+    """Random weights with a live, smooth signal, and BatchNorm statistics taken from real images.
+
+    With the default init the activations fade layer by layer, every output is ~its bias, and any export or
+    quantization error would hide. Zero-mean random weights with data-set BatchNorm go the other way: chaotic,
+    1/255 of input noise moves the scores as much as changing the image. A small shared positive weight component
+    sits between the two, like a trained network: outputs depend on the image, not on its last bit.
+    """
+    torch.manual_seed(0)
+    for module in model.modules():
+        if isinstance(module, nn.Conv2d):
+            nn.init.normal_(module.weight)
+            module.weight.data += 0.2
+        elif isinstance(module, nn.BatchNorm2d):
+            module.reset_running_stats()
+            module.momentum = None  # a cumulative average: one batch sets the running statistics
+    for conv in model.detect.m:
+        nn.init.normal_(conv.weight, std=2 / conv.in_channels ** 0.5)
+        nn.init.zeros_(conv.bias)  # objectness and class scores spread around 0.5 instead of the ~0 prior
+    model.train()
+    with torch.no_grad():
+        model(images)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def model(data_yaml: Path) -> YOLOv5:
+    images = torch.from_numpy(np.concatenate(list(calibration_batches(_images(data_yaml, "train"), SIZE))))
+    return _lively(build_model(preset("tiny", 3)), images)
+
+
+@pytest.fixture(scope="module")
+def fp32_path(model: YOLOv5, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_onnx(model, tmp_path_factory.mktemp("onnx") / "fp32.onnx", SIZE)
+
+
+@pytest.fixture(scope="module")
+def int8(fp32_path: Path, data_yaml: Path) -> tuple[Path, dict]:
+    out = fp32_path.with_name("int8.onnx")
+    return out, quantize_static_int8(fp32_path, out, calibration_batches(_images(data_yaml, "train"), SIZE))
+
+
+def _val_batch(data_yaml: Path) -> torch.Tensor:
+    return torch.from_numpy(np.concatenate(list(calibration_batches(_images(data_yaml, "val"), SIZE))))
+
+
+def _errors(reference: torch.Tensor, output: torch.Tensor) -> tuple[float, float]:
+    """Mean absolute error of the scores (objectness x class) and of the box xywh in pixels."""
+    scores = lambda p: p[..., 4:5] * p[..., 5:]  # noqa: E731
+    return ((scores(reference) - scores(output)).abs().mean().item(),
+            (reference[..., :4] - output[..., :4]).abs().mean().item())
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_ort_fp32_matches_torch(model: YOLOv5, fp32_path: Path, batch: int) -> None:
+    images = torch.rand(batch, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(batch))
+    with torch.no_grad():
+        reference = model(images)
+    output = OrtDetector(fp32_path, threads=1).eval()(images)
+    assert output.shape == reference.shape == (batch, 3 * (8 * 8 + 4 * 4 + 2 * 2), 8)
+    assert reference[..., 4].std() > 0.05  # the model is not degenerate: scores vary
+    torch.testing.assert_close(output, reference, rtol=1e-4, atol=1e-4 * reference.abs().max().item())
+
+
+def test_export_names_and_dynamic_batch(fp32_path: Path) -> None:
+    graph = onnx.load(str(fp32_path)).graph
+    assert [i.name for i in graph.input] == ["images"] and [o.name for o in graph.output] == ["predictions"]
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param  # symbolic, not a fixed batch
+
+
+def test_int8_is_smaller_quantized_and_close(fp32_path: Path, int8: tuple[Path, dict], data_yaml: Path) -> None:
+    path, info = int8
+    assert path.exists() and path.stat().st_size < fp32_path.stat().st_size
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    assert info["calibration_images"] == 8 and info["excluded_nodes"] > 0
+    images = _val_batch(data_yaml)
+    reference = OrtDetector(fp32_path)(images)
+    score_error, box_error = _errors(reference, OrtDetector(path)(images))
+    assert score_error < 0.05 and box_error < 3.0, (score_error, box_error)
+
+
+def test_decode_stays_float(int8: tuple[Path, dict]) -> None:
+    model = onnx.load(str(int8[0]))
+    producers = {output: node for node in model.graph.node for output in node.output}
+    decode, head_convs = detect_head_nodes(model)
+    assert len(head_convs) == 3  # the walk from the output stops at the three Detect convs
+    final = producers["predictions"]
+    assert final.op_type == "Concat" and final.name in decode
+    assert all(producers[i].op_type != "DequantizeLinear" for i in final.input)
+    # no arithmetic of the decode reads a dequantized tensor: Q/DQ may only sit at the Detect conv outputs
+    arithmetic = [producers[o] for node in model.graph.node if node.name in decode for o in node.output
+                  if node.op_type in ("Mul", "Add", "Pow", "Concat")]
+    assert arithmetic and not any(producers.get(i) is not None and producers[i].op_type == "DequantizeLinear"
+                                  for node in arithmetic for i in node.input)
+
+
+def test_naive_int8_breaks_the_scores(fp32_path: Path, int8: tuple[Path, dict], data_yaml: Path) -> None:
+    """Why the decode stays float (onnxruntime#10787): one uint8 scale for pixels and scores rounds scores away."""
+    naive = fp32_path.with_name("naive.onnx")
+    quantize_static_int8(fp32_path, naive, calibration_batches(_images(data_yaml, "train"), SIZE),
+                         keep_head_float=False)
+    images = _val_batch(data_yaml)
+    reference = OrtDetector(fp32_path)(images)
+    naive_score_error, _ = _errors(reference, OrtDetector(naive)(images))
+    kept_score_error, _ = _errors(reference, OrtDetector(int8[0])(images))
+    assert naive_score_error > 3 * kept_score_error, (naive_score_error, kept_score_error)
+
+
+def test_ort_detector_in_predict(model: YOLOv5, fp32_path: Path, data_yaml: Path) -> None:
+    loader = build_loader(YoloDataset(data_yaml, "val", LoaderSpec(image_size=SIZE), train=False), 2,
+                          shuffle=False, workers=0)
+    info = dev.resolve("cpu")
+    settings = {"conf": 0.25, "iou": 0.6, "max_det": 100}
+    expected = predict(model, loader, info, **settings)
+    got = predict(OrtDetector(fp32_path, threads=1), loader, info, **settings)
+    assert got.paths == expected.paths and sum(len(d) for d in expected.detections) > 0
+    for ours, theirs in zip(got.detections, expected.detections):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-2)
