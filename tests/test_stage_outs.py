@@ -63,3 +63,15 @@ def test_prune_and_distill_report_the_comparison(pipeline_root):
     distill = json.loads((root / "metrics" / "distill.json").read_text())
     assert distill["comparison_is_fair"] == 1 and distill["no_kd/mAP50-95"] == prune["prune-0.5/mAP50-95"]
     assert distill["params"] == prune["prune-0.5/params"]  # same student architecture as the no-KD control
+
+
+def test_quantize_scores_every_variant_through_the_same_evaluation(pipeline_root):
+    root, _ = pipeline_root
+    metrics = json.loads((root / "metrics" / "quantize.json").read_text())
+    for variant in ("torch-fp32", "ort-fp32", "ort-int8"):
+        assert 0.0 <= metrics[f"{variant}/mAP50-95"] <= 1.0 and metrics[f"{variant}/accepted"] in (0, 1)
+    # ONNX Runtime fp32 runs the same graph: its accuracy matches torch
+    assert abs(metrics["ort-fp32/mAP50-95"] - metrics["torch-fp32/mAP50-95"]) < 0.01
+    assert metrics["ort-int8/size_mb"] < metrics["ort-fp32/size_mb"]
+    meta = json.loads((root / "models" / "quantize" / "meta.json").read_text())
+    assert meta["variants"]["ort-int8"]["quantization"]["format"] == "QDQ"

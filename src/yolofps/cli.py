@@ -22,7 +22,8 @@ STAGES: dict[str, tuple[str, str]] = {
     "augment": ("yolofps.stages.augment", "write augmented train copies into data/augmented (DVC stage)"),
     "train": ("yolofps.stages.train", "train the YOLOv5 baseline, evaluate it, track it in MLflow (DVC stage)"),
     "prune": ("yolofps.stages.prune", "structured channel pruning + fine-tuning per ratio (DVC stage)"),
-    "distill": ("yolofps.stages.distill", "distill the baseline into the pruned student, with a no-KD control (DVC stage)"),
+    "distill": ("yolofps.stages.distill", "distill the baseline into the pruned student, no-KD control (DVC stage)"),
+    "quantize": ("yolofps.stages.quantize", "ONNX Runtime fp32 + static INT8 (CPU), fp16/bf16 (CUDA) (DVC stage)"),
 }
 
 

@@ -121,16 +121,24 @@ def test_int8_is_smaller_quantized_and_close(fp32_path: Path, int8: tuple[Path, 
 def test_decode_stays_float(int8: tuple[Path, dict]) -> None:
     model = onnx.load(str(int8[0]))
     producers = {output: node for node in model.graph.node for output in node.output}
+    initializers = {tensor.name for tensor in model.graph.initializer}
     decode, head_convs = detect_head_nodes(model)
     assert len(head_convs) == 3  # the walk from the output stops at the three Detect convs
     final = producers["predictions"]
     assert final.op_type == "Concat" and final.name in decode
     assert all(producers[i].op_type != "DequantizeLinear" for i in final.input)
-    # no arithmetic of the decode reads a dequantized tensor: Q/DQ may only sit at the Detect conv outputs
-    arithmetic = [producers[o] for node in model.graph.node if node.name in decode for o in node.output
-                  if node.op_type in ("Mul", "Add", "Pow", "Concat")]
-    assert arithmetic and not any(producers.get(i) is not None and producers[i].op_type == "DequantizeLinear"
-                                  for node in arithmetic for i in node.input)
+    # no decode arithmetic reads a dequantized tensor, and the Detect convs keep their float weights
+    arithmetic = [node for node in model.graph.node
+                  if node.name in decode and node.op_type in ("Sigmoid", "Mul", "Add", "Pow", "Concat")]
+    assert len(arithmetic) >= 3 * 4 and not any(
+        i in producers and producers[i].op_type == "DequantizeLinear" for node in arithmetic for i in node.input)
+    convs = [node for node in model.graph.node if node.name in head_convs]
+    assert all(node.input[1] in initializers for node in convs)
+
+
+def test_no_calibration_images_is_an_error(fp32_path: Path) -> None:
+    with pytest.raises(ValueError, match="no images"):
+        quantize_static_int8(fp32_path, fp32_path.with_name("never.onnx"), iter([]))
 
 
 def test_naive_int8_breaks_the_scores(fp32_path: Path, int8: tuple[Path, dict], data_yaml: Path) -> None:
