@@ -34,6 +34,7 @@ demo: $(STAMP)
 	@echo "  augmented data set  data/augmented/"
 	@echo "  validation report   reports/data_validation.json"
 	@echo "  trained model       models/train/{best,last}/ (arch.json, weights.safetensors, meta.json)"
+	@echo "  optimized models    models/prune/prune-*/, models/distill/, models/quantize/*.onnx"
 	@echo "  metrics             metrics/*.json   (dvc metrics show)"
 	@echo "  plots               plots/train.csv, plots/train/*.png   (dvc plots show)"
 	@echo "  MLflow runs         $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db   (http://127.0.0.1:5000)"

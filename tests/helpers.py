@@ -16,6 +16,7 @@ TINY_PARAMS = {
     "data.num_train": 12, "data.num_val": 4, "data.image_size": 96, "augment.copies": 1,
     "train.model": "tiny", "train.epochs": 2, "train.imgsz": 64, "train.batch": 8, "train.workers": 0,
     "train.sample_images": 4, "mlflow.system_metrics": False,
+    "prune.ratios": [0.5], "prune.finetune_epochs": 1, "distill.epochs": 1, "quantize.calibration_images": 4,
 }
 
 TINY_SPEC = SyntheticSpec(num_train=6, num_val=3, image_size=96, min_aspect=0.75, max_objects=4,

@@ -13,6 +13,7 @@ from yolofps.cli import STAGES
 from yolofps.paths import Paths
 
 pytestmark = pytest.mark.slow
+STAGE_ORDER = ["data", "augment", "train", "prune", "distill", "quantize"]
 
 
 def dvc(project, *args, check=True):
@@ -33,6 +34,9 @@ def test_dvc_yaml_matches_paths_and_cli():
         "data": {paths.prepared_data, paths.data_report},
         "augment": {paths.augmented_data},
         "train": {paths.models("train"), paths.plots / "train", paths.checkpoints("train")},
+        "prune": {paths.models("prune"), paths.checkpoints("prune")},
+        "distill": {paths.models("distill"), paths.checkpoints("distill")},
+        "quantize": {paths.models("quantize")},
     }
     for name, stage in stages.items():
         assert stage["cmd"] == f"yolofps {name}"
@@ -40,14 +44,16 @@ def test_dvc_yaml_matches_paths_and_cli():
         assert {p.as_posix() for p in expected_outs[name]} == outs
         assert [next(iter(m)) for m in stage["metrics"]] == [paths.metrics(name).as_posix()]
         assert f"src/yolofps/stages/{name}.py" in stage["deps"]
+        produced = {p.as_posix() for o in expected_outs.values() for p in o} | {
+            paths.metrics(s).as_posix() for s in stages}
         for dep in stage["deps"]:
-            assert (PROJECT_ROOT / dep).exists() or dep in {p.as_posix() for o in expected_outs.values() for p in o}
+            assert (PROJECT_ROOT / dep).exists() or dep in produced, dep
         assert "seed" in stage["params"] and name in stage["params"]
 
 
 def test_dvc_repro_runs_every_stage_then_nothing(project):
     first = dvc(project, "repro").stdout
-    assert all(f"Running stage '{name}'" in first for name in ("data", "augment", "train"))
+    assert all(f"Running stage '{name}'" in first for name in STAGE_ORDER)
     assert json.loads((project / "metrics" / "train.json").read_text())["epochs_run"] == 2
     metrics = json.loads((project / "metrics" / "augment.json").read_text())
     assert metrics["train_images_out"] == 24 and metrics["val_images"] == 4
@@ -64,9 +70,9 @@ def test_flow_runs_stages_in_dvc_order_and_leaves_dvc_clean(project, prefect_har
     from flows.pipeline import pipeline
     from tasks.dvc import stage_order
 
-    assert stage_order(project) == ["data", "augment", "train"]
+    assert stage_order(project) == STAGE_ORDER
     results = pipeline(overrides={"data.num_train": 10}, project_dir=str(project))
-    assert list(results) == ["data", "augment", "train"]
+    assert list(results) == STAGE_ORDER
     assert results["data"]["train_images"] == 10 and results["augment"]["train_images_out"] == 20
     assert "metrics/mAP50-95B" in results["train"]
     params = (project / "params.yaml").read_text()

@@ -13,8 +13,7 @@ from helpers import PROJECT_ROOT, TINY_PARAMS
 from yolofps.config import load_config
 from yolofps.paths import Paths
 
-STAGE_PARAMS = TINY_PARAMS | {"data.num_train": 8, "augment.copies": 0, "prune.ratios": [0.5],
-                              "prune.finetune_epochs": 1, "distill.ratio": 0.5, "distill.epochs": 1}
+STAGE_PARAMS = TINY_PARAMS | {"data.num_train": 8, "augment.copies": 0}
 
 
 def declared(stage: dict) -> set[str]:
