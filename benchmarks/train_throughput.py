@@ -17,7 +17,6 @@ import json
 import sys
 import tempfile
 import time
-from itertools import cycle, islice
 from pathlib import Path
 
 import torch
@@ -33,12 +32,13 @@ from yolofps.model.yolo import build_model
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
-def time_steps(model, optimizer, batches, step_loss, steps: int, warmup: int = 2) -> float:
-    """Seconds per step (median over `steps` after `warmup`); `batches` yields (images, targets, mask)."""
+def time_steps(model, optimizer, next_batch, step_loss, steps: int, warmup: int = 2) -> float:
+    """Median seconds per step over `steps` after `warmup`; the clock includes `next_batch()` (the loader's cost)."""
     times = []
-    for i, (images, targets, mask) in enumerate(islice(batches, warmup + steps)):
+    for i in range(warmup + steps):
         start = time.perf_counter()
-        images = images.float().div_(255) if images.dtype == torch.uint8 else images
+        images, targets, mask = next_batch()
+        images = images.float().div(255) if images.dtype == torch.uint8 else images
         loss = step_loss(model(images), targets, mask)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -49,26 +49,10 @@ def time_steps(model, optimizer, batches, step_loss, steps: int, warmup: int = 2
 
 
 def loader_batches(loader):
-    """(images, targets, mask) from the real loader, forever; the wait for the next batch counts as step time."""
+    """(images, targets, mask) from the real loader, forever."""
     while True:
         for images, targets, mask, _ in loader:
             yield images, targets, mask
-
-
-def timed_loader_steps(model, optimizer, loader, loss_fn, steps: int, warmup: int = 2) -> float:
-    """Like time_steps, but the clock includes fetching the batch (what the loader costs the step)."""
-    batches = loader_batches(loader)
-    times = []
-    for i in range(warmup + steps):
-        start = time.perf_counter()
-        images, targets, mask = next(batches)
-        loss = loss_fn(model(images.float().div_(255)), targets, mask)["loss"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,14 +78,15 @@ def main(argv: list[str] | None = None) -> int:
         loss_fn = YOLOv5Loss(arch, image_size=args.imgsz)
         images, targets, mask, _ = next(iter(loader))  # real padded targets for the model_loss variant
         random_images = torch.rand(args.batch, 3, args.imgsz, args.imgsz)
-        fixed = cycle([(random_images, targets, mask)])
+        fixed = lambda: (random_images, targets, mask)  # noqa: E731  (no loader cost)
+        real = loader_batches(loader)
+        detection = lambda out, t, m: loss_fn(out, t, m)["loss"]  # noqa: E731
         results = {
             # "* 0": the full backward still runs, but the weights stay finite (NaNs would change the timing)
             "model_only": time_steps(model, optimizer, fixed, lambda out, t, m: sum(o.sum() for o in out) * 0,
                                      args.steps),
-            "model_loss": time_steps(model, optimizer, fixed, lambda out, t, m: loss_fn(out, t, m)["loss"],
-                                     args.steps),
-            "full": timed_loader_steps(model, optimizer, loader, loss_fn, args.steps),
+            "model_loss": time_steps(model, optimizer, fixed, detection, args.steps),
+            "full": time_steps(model, optimizer, lambda: next(real), detection, args.steps),
         }
     base = results["model_only"]
     rows = [{"variant": name, "s_per_step": round(s, 4), "img_per_s": round(args.batch / s, 2),
