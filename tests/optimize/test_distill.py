@@ -50,3 +50,13 @@ def test_student_equal_to_teacher_has_smaller_kd_than_a_random_student():
     other.detect.train()
     assert objective(twin, images, targets, mask)["kd"] < objective(other, images, targets, mask)["kd"]
     assert [o.shape for o in raw_outputs(teacher, images)] == [o.shape for o in twin(images)]
+
+
+def test_kd_is_zero_when_the_student_is_the_teacher():
+    torch.manual_seed(0)
+    arch = preset("tiny", 3)
+    teacher = build_model(arch)
+    objective = DistillationObjective(teacher, YOLOv5Loss(arch, image_size=64))
+    twin = copy.deepcopy(teacher).eval()
+    twin.detect.train()
+    assert objective(twin, *_batch())["kd"].abs() < 1e-4

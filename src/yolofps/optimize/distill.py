@@ -59,9 +59,20 @@ class DistillationObjective:
         """Objectness everywhere; classes and box offsets weighted by the teacher's objectness."""
         student, teacher = student.float(), teacher.float()
         t_obj = teacher[..., 4].sigmoid()  # [B, A, H, W]
-        obj = F.binary_cross_entropy_with_logits(student[..., 4], t_obj)
+        obj = _binary_kl(student[..., 4], t_obj).mean()
         t_cls = (teacher[..., 5:] / self.temperature).sigmoid()
-        cls = F.binary_cross_entropy_with_logits(student[..., 5:] / self.temperature, t_cls, reduction="none").mean(-1)
+        cls = _binary_kl(student[..., 5:] / self.temperature, t_cls).mean(-1)  # [B, A, H, W]
         box = (student[..., :4].sigmoid() - teacher[..., :4].sigmoid()).pow(2).mean(-1)
         norm = t_obj.sum().clamp(min=1.0)
         return obj + (t_obj * cls).sum() / norm * self.temperature**2 + (t_obj * box).sum() / norm
+
+
+def _binary_kl(student_logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Elementwise KL(target || sigmoid(logits)): BCE minus the target's own entropy.
+
+    The gradient is that of BCE; subtracting the entropy (a constant for the student) makes the logged value 0
+    when the student matches the teacher, instead of a floor that hides how close they are.
+    """
+    bce = F.binary_cross_entropy_with_logits(student_logits, target, reduction="none")
+    entropy = F.binary_cross_entropy(target, target, reduction="none")
+    return bce - entropy

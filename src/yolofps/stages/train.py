@@ -27,7 +27,7 @@ from yolofps.fileio import fresh_dir, write_json
 from yolofps.lineage import lineage_tags
 from yolofps.model.loss import YOLOv5Loss
 from yolofps.model.spec import ArchSpec, preset
-from yolofps.model.yolo import YOLOv5, build_model, model_info
+from yolofps.model.yolo import build_model, model_info
 from yolofps.paths import Paths
 from yolofps.registry import TrackingRun
 from yolofps.stages import StageResult
