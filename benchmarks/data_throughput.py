@@ -10,7 +10,6 @@ as a loader worker would, with one process. Both use the default transforms from
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import cv2
 
-from yolofps.bench.environment import environment_stamp
+from yolofps.bench.environment import write_result
 from yolofps.config import load_config
 from yolofps.data import augment, formats
 from yolofps.paths import Paths
@@ -65,13 +64,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'size':>6} {'images':>7} {'offline img/s':>14} {'online img/s':>13}")
     for row in rows:
         print(f"{row['image_size']:>6} {row['images']:>7} {row['offline_img_per_s']:>14} {row['online_img_per_s']:>13}")
-    result = {"benchmark": "data_throughput", "environment": environment_stamp(),
-              "settings": {"copies": 1, "transforms": "params.yaml defaults", "opencv_threads": cv2.getNumThreads(),
-                           "repeats": args.repeats, "statistic": "best of repeats"},
-              "results": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    settings = {"copies": 1, "transforms": "params.yaml defaults", "opencv_threads": cv2.getNumThreads(),
+                "repeats": args.repeats, "statistic": "best of repeats"}
+    write_result(args.out, "data_throughput", settings, rows)
     return 0
 
 

@@ -13,7 +13,6 @@ benchmarks/results/train_throughput.json.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -21,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from yolofps.bench.environment import environment_stamp
+from yolofps.bench.environment import write_result
 from yolofps.data import synthetic
 from yolofps.data.dataset import LoaderSpec, YoloDataset, build_loader
 from yolofps.engine.train import LoopSpec, build_optimizer
@@ -95,14 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         print(f"{row['variant']:<12} {row['s_per_step']:>8} {row['img_per_s']:>8} "
               f"{row['overhead_vs_model_only']:>9.1%}")
-    out = {"benchmark": "train_throughput", "environment": environment_stamp(),
-           "settings": {"model": args.model, "imgsz": args.imgsz, "batch": args.batch, "dtype": "fp32",
-                        "device": "cpu", "workers": args.workers, "steps": args.steps, "statistic": "median",
-                        "augmentation": "mosaic 1.0 + affine + HSV + fliplr (LoaderSpec defaults)"},
-           "results": rows, "goal": "full <= 1.10 x model_only"}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    settings = {"model": args.model, "imgsz": args.imgsz, "batch": args.batch, "dtype": "fp32", "device": "cpu",
+                "workers": args.workers, "steps": args.steps, "statistic": "median",
+                "augmentation": "mosaic 1.0 + affine + HSV + fliplr (LoaderSpec defaults)"}
+    write_result(args.out, "train_throughput", settings, rows, goal="full <= 1.10 x model_only")
     return 0
 
 

@@ -11,7 +11,6 @@ bench stage's job. Rounds are interleaved so machine noise hits every variant al
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from yolofps.bench.environment import environment_stamp
+from yolofps.bench.environment import write_result
 from yolofps.engine import checkpoint
 from yolofps.optimize.export import OrtDetector, export_onnx
 
@@ -70,13 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'variant':<24} {'p50 ms':>8} {'x train ORT fp32':>17}")
     for row in rows:
         print(f"{row['variant']:<24} {row['latency_ms_p50']:>8} {row['speedup_vs_train_ort_fp32']!s:>17}")
-    result = {"benchmark": "variant_latency", "environment": environment_stamp(),
-              "settings": {"batch": 1, "imgsz": args.imgsz, "threads": args.threads, "runs": args.runs,
-                           "scope": "model only (no pre-processing, no NMS)", "statistic": "median"},
-              "results": rows}
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    settings = {"batch": 1, "imgsz": args.imgsz, "threads": args.threads, "runs": args.runs,
+                "scope": "model only (no pre-processing, no NMS)", "statistic": "median"}
+    write_result(args.out, "variant_latency", settings, rows)
     return 0
 
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import platform
 from importlib import metadata
+from pathlib import Path
+from typing import Any
 
 
 def cpu_model() -> str:
@@ -43,3 +46,13 @@ def environment_stamp(packages: tuple[str, ...] = ("torch", "numpy", "opencv-pyt
     except ImportError:
         stamp["gpu"] = None
     return stamp
+
+
+def write_result(path: str | Path, benchmark: str, settings: dict, rows: list[dict], **extra: Any) -> Path:
+    """Write a benchmark's JSON: its name, the environment stamp, its settings and its result rows."""
+    path = Path(path)
+    result = {"benchmark": benchmark, "environment": environment_stamp(), "settings": settings, "results": rows}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result | extra, indent=2) + "\n")
+    print(f"wrote {path}")
+    return path
