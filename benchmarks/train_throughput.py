@@ -23,7 +23,8 @@ import torch
 from yolofps.bench.environment import write_result
 from yolofps.data import synthetic
 from yolofps.data.dataset import LoaderSpec, YoloDataset, build_loader
-from yolofps.engine.train import LoopSpec, build_optimizer
+from yolofps.config import TrainConfig
+from yolofps.engine.train import build_optimizer
 from yolofps.model.loss import YOLOv5Loss
 from yolofps.model.spec import preset
 from yolofps.model.yolo import build_model
@@ -73,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         loader = build_loader(dataset, args.batch, shuffle=True, workers=args.workers, seed=0, drop_last=True)
         arch = preset(args.model, len(dataset.names))
         model = build_model(arch).train()
-        optimizer = build_optimizer(model, LoopSpec(epochs=1, batch=args.batch))
+        optimizer = build_optimizer(model, TrainConfig(epochs=1, batch=args.batch, optimizer="SGD"))
         loss_fn = YOLOv5Loss(arch, image_size=args.imgsz)
         images, targets, mask, _ = next(iter(loader))  # real padded targets for the model_loss variant
         random_images = torch.rand(args.batch, 3, args.imgsz, args.imgsz)

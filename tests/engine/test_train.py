@@ -11,7 +11,8 @@ from yolofps import device as dev
 from yolofps.data import synthetic
 from yolofps.data.dataset import LoaderSpec, YoloDataset, build_loader
 from yolofps.engine.predict import evaluate_model, fitness
-from yolofps.engine.train import LoopSpec, fit
+from yolofps.config import TrainConfig
+from yolofps.engine.train import fit, lr_factor
 from yolofps.model.loss import YOLOv5Loss
 from yolofps.model.spec import preset
 from yolofps.model.yolo import build_model
@@ -37,7 +38,8 @@ def _setup(data_yaml, epochs, seed=0):
     arch = preset("tiny", len(dataset.names))
     model = build_model(arch)
     objective = DetectionObjective(YOLOv5Loss(arch, image_size=64))
-    loop = LoopSpec(epochs=epochs, batch=4, lr0=0.02, warmup_epochs=0, nominal_batch=4, ema=False, close_mosaic=0)
+    loop = TrainConfig(epochs=epochs, batch=4, optimizer="SGD", lr0=0.02, warmup_epochs=0, nominal_batch=4, ema=False,
+                       close_mosaic=0)
 
     def make_loader(epoch, mosaic):
         return build_loader(dataset, 4, shuffle=True, workers=0, seed=seed + epoch)
@@ -88,18 +90,18 @@ def test_resume_continues_at_the_right_epoch_and_lr(four_images):
 
 
 def test_lr_schedule_decays_to_lrf():
-    linear = LoopSpec(epochs=10, batch=4, lr0=0.01, lrf=0.1)
-    cosine = LoopSpec(epochs=10, batch=4, lr0=0.01, lrf=0.1, cos_lr=True)
+    linear = TrainConfig(epochs=10, batch=4, lr0=0.01, lrf=0.1)
+    cosine = TrainConfig(epochs=10, batch=4, lr0=0.01, lrf=0.1, cos_lr=True)
     for spec in (linear, cosine):
-        assert spec.lr_factor(0) == pytest.approx(1.0) and spec.lr_factor(10) == pytest.approx(0.1)
-    assert cosine.lr_factor(2) > linear.lr_factor(2)
+        assert lr_factor(spec, 0) == pytest.approx(1.0) and lr_factor(spec, 10) == pytest.approx(0.1)
+    assert lr_factor(cosine, 2) > lr_factor(linear, 2)
 
 
 def test_optimizer_groups_follow_yolov5():
     from yolofps.engine.train import build_optimizer
 
     model = build_model(preset("tiny", 2))
-    optimizer = build_optimizer(model, LoopSpec(epochs=1, batch=16))
+    optimizer = build_optimizer(model, TrainConfig(epochs=1, batch=16, optimizer="SGD"))
     decayed, norms, biases = optimizer.param_groups
     assert decayed["weight_decay"] > 0 and norms["weight_decay"] == 0 and biases["weight_decay"] == 0
     assert optimizer.defaults["nesterov"] and optimizer.defaults["momentum"] == 0.937
@@ -122,5 +124,5 @@ def test_auto_optimizer_follows_ultralytics():
     model = build_model(preset("tiny", 2))
     from yolofps.engine.train import build_optimizer
 
-    adam = build_optimizer(model, LoopSpec(epochs=1, batch=16, optimizer="AdamW", lr0=0.001))
+    adam = build_optimizer(model, TrainConfig(epochs=1, batch=16, optimizer="AdamW", lr0=0.001))
     assert isinstance(adam, torch.optim.AdamW) and len(adam.param_groups) == 3

@@ -18,7 +18,7 @@ from yolofps.data.dataset import LoaderSpec, YoloDataset, build_loader
 from yolofps.engine import checkpoint
 from yolofps.engine.evaluate import EvalResult
 from yolofps.engine.predict import Predictions, evaluate_model, fitness
-from yolofps.engine.train import EpochEnd, FitState, LoopSpec, Objective, fit
+from yolofps.engine.train import EpochEnd, FitState, Objective, fit, resolve_optimizer
 from yolofps.fileio import write_json
 from yolofps.lineage import params_hash
 from yolofps.model.yolo import YOLOv5
@@ -72,7 +72,7 @@ def run_job(cfg: Config, train: TrainConfig, data: Data, model: YOLOv5, objectiv
             info: dev.DeviceInfo, checkpoints: Path, history_csv: Path, tracking: TrackingRun,
             meta: dict[str, Any], force_resume: bool = False) -> JobResult:
     """Train `model` with `objective`; resumes from `checkpoints/last` when a matching run was cut short."""
-    loop = LoopSpec.from_config(train, num_images=len(data.train_set), num_classes=len(data.names))
+    loop = resolve_optimizer(train, num_images=len(data.train_set), num_classes=len(data.names))
     meta = meta | {"optimizer": loop.optimizer, "device": info.name}
     print(f"{meta.get('job', 'train')}: {len(data.train_set)} images, {loop.epochs} epochs, {loop.optimizer} "
           f"lr0={loop.lr0} on {info.name}", flush=True)

@@ -2,11 +2,12 @@
 
 What varies between them is the objective: a callable `(model, images, targets, mask) -> dict` whose
 "loss" entry is optimized (other entries are logged). The step is XLA-safe by construction: fixed shapes,
-no host sync inside it; losses are read off the device only every `log_every` steps.
+no host sync inside it; losses are read off the device only every `LOG_EVERY` steps.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from copy import deepcopy
@@ -31,44 +32,22 @@ class Objective(Protocol):
                  mask: torch.Tensor) -> dict[str, torch.Tensor]: ...
 
 
-@dataclass(frozen=True)
-class LoopSpec:
-    """Optimization schedule of one `fit` call (the train/fine-tune/distill configs fill it)."""
+LOG_EVERY = 10  # steps between reads of the running losses (the loop's only host sync)
 
-    epochs: int
-    batch: int
-    optimizer: str = "SGD"  # SGD | AdamW (choose with `pick_optimizer` for ultralytics' "auto")
-    lr0: float = 0.01
-    lrf: float = 0.01
-    cos_lr: bool = False
-    momentum: float = 0.937
-    weight_decay: float = 0.0005
-    warmup_epochs: float = 3.0
-    warmup_momentum: float = 0.8
-    warmup_bias_lr: float = 0.1
-    nominal_batch: int = 64
-    ema: bool = True
-    grad_clip: float = 10.0
-    patience: int = 100
-    close_mosaic: int = 0
-    log_every: int = 10
 
-    @classmethod
-    def from_config(cls, cfg: TrainConfig, *, num_images: int, num_classes: int) -> LoopSpec:
-        """The loop's view of a train-like config; `optimizer: auto` is resolved here."""
-        keys = set(cls.__dataclass_fields__) - {"log_every", "optimizer"}
-        values = {k: getattr(cfg, k) for k in keys}
-        values["optimizer"], values["lr0"], values["momentum"], values["warmup_bias_lr"] = pick_optimizer(
-            cfg.optimizer, lr0=cfg.lr0, momentum=cfg.momentum, warmup_bias_lr=cfg.warmup_bias_lr,
-            num_images=num_images, batch=cfg.batch, nominal_batch=cfg.nominal_batch, epochs=cfg.epochs,
-            num_classes=num_classes)
-        return cls(**values)
+def resolve_optimizer(cfg: TrainConfig, *, num_images: int, num_classes: int) -> TrainConfig:
+    """The config `fit` runs with: `optimizer: auto` replaced by the optimizer and lr it stands for."""
+    optimizer, lr0, momentum, warmup_bias_lr = pick_optimizer(
+        cfg.optimizer, lr0=cfg.lr0, momentum=cfg.momentum, warmup_bias_lr=cfg.warmup_bias_lr, num_images=num_images,
+        batch=cfg.batch, nominal_batch=cfg.nominal_batch, epochs=cfg.epochs, num_classes=num_classes)
+    return dataclasses.replace(cfg, optimizer=optimizer, lr0=lr0, momentum=momentum, warmup_bias_lr=warmup_bias_lr)
 
-    def lr_factor(self, epoch: int) -> float:
-        """Multiplier of lr0 for an epoch: linear or cosine decay from 1 to lrf (yolov5's schedules)."""
-        if self.cos_lr:
-            return ((1 - math.cos(epoch * math.pi / self.epochs)) / 2) * (self.lrf - 1) + 1
-        return (1 - epoch / self.epochs) * (1.0 - self.lrf) + self.lrf
+
+def lr_factor(cfg: TrainConfig, epoch: int) -> float:
+    """Multiplier of lr0 for an epoch: linear or cosine decay from 1 to lrf (yolov5's schedules)."""
+    if cfg.cos_lr:
+        return ((1 - math.cos(epoch * math.pi / cfg.epochs)) / 2) * (cfg.lrf - 1) + 1
+    return (1 - epoch / cfg.epochs) * (1.0 - cfg.lrf) + cfg.lrf
 
 
 @dataclass
@@ -128,8 +107,10 @@ def pick_optimizer(name: str, *, lr0: float, momentum: float, warmup_bias_lr: fl
     return "AdamW", round(0.002 * 5 / (4 + num_classes), 6), 0.9, 0.0  # bias lr above 0.01 destabilizes Adam
 
 
-def build_optimizer(model: nn.Module, spec: LoopSpec) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, spec: TrainConfig) -> torch.optim.Optimizer:
     """SGD (nesterov) or AdamW with yolov5's three groups: pg0 conv weights (decayed), pg1 norm weights, pg2 biases."""
+    if spec.optimizer == "auto":
+        raise ValueError("build_optimizer: resolve `optimizer: auto` first (resolve_optimizer)")
     decayed, norm_weights, biases = [], [], []
     for module in model.modules():
         if hasattr(module, "bias") and isinstance(module.bias, nn.Parameter):
@@ -150,9 +131,9 @@ def build_optimizer(model: nn.Module, spec: LoopSpec) -> torch.optim.Optimizer:
     return optimizer
 
 
-def _warmup(optimizer: torch.optim.Optimizer, spec: LoopSpec, step: int, warmup_steps: int, epoch: int) -> None:
+def _warmup(optimizer: torch.optim.Optimizer, spec: TrainConfig, step: int, warmup_steps: int, epoch: int) -> None:
     """Linear warm-up: biases from warmup_bias_lr down, others from 0 up; momentum (Adam: beta1) ramps up."""
-    target = spec.lr0 * spec.lr_factor(epoch)
+    target = spec.lr0 * lr_factor(spec, epoch)
     momentum = float(np.interp(step, [0, warmup_steps], [spec.warmup_momentum, spec.momentum]))
     for index, group in enumerate(optimizer.param_groups):
         start = spec.warmup_bias_lr if index == 2 else 0.0
@@ -164,10 +145,12 @@ def _warmup(optimizer: torch.optim.Optimizer, spec: LoopSpec, step: int, warmup_
 
 
 def fit(model: nn.Module, objective: Objective, make_loader: Callable[[int, bool], Iterable[Batch]],
-        evaluate: Callable[[nn.Module], dict[str, float]], spec: LoopSpec, info: dev.DeviceInfo, *,
+        evaluate: Callable[[nn.Module], dict[str, float]], spec: TrainConfig, info: dev.DeviceInfo, *,
         resume: dict[str, Any] | None = None, on_epoch_end: Callable[[nn.Module, FitState, EpochEnd], None],
         fitness: Callable[[dict[str, float]], float]) -> tuple[nn.Module, FitState]:
     """Train `model` for `spec.epochs`; returns the EMA (or raw) model to evaluate/export and the state.
+
+    `spec` is a train-like config whose optimizer is resolved (see `resolve_optimizer`).
 
     `make_loader(epoch, mosaic)` gives that epoch's batches (seeded by epoch, so a resumed run sees the
     same data order). `evaluate(model)` returns metrics; `fitness(metrics)` ranks epochs. `on_epoch_end`
@@ -206,7 +189,7 @@ def fit(model: nn.Module, objective: Objective, make_loader: Callable[[int, bool
     return (ema.module if ema else model), state
 
 
-def _train_epoch(model, objective, loader, optimizer, scaler, ema, spec: LoopSpec, info: dev.DeviceInfo,
+def _train_epoch(model, objective, loader, optimizer, scaler, ema, spec: TrainConfig, info: dev.DeviceInfo,
                  state: FitState, epoch: int) -> tuple[dict[str, float], float, int]:
     """One pass over the loader; returns mean losses, seconds and images seen."""
     model.train()
@@ -214,7 +197,7 @@ def _train_epoch(model, objective, loader, optimizer, scaler, ema, spec: LoopSpe
     warmup_steps = max(round(spec.warmup_epochs * num_batches), 100) if spec.warmup_epochs > 0 else 0
     accumulate = max(round(spec.nominal_batch / spec.batch), 1)
     for group in optimizer.param_groups:
-        group["lr"] = spec.lr0 * spec.lr_factor(epoch)
+        group["lr"] = spec.lr0 * lr_factor(spec, epoch)
     totals: dict[str, torch.Tensor] = {}
     images_seen, start, last_step = 0, time.perf_counter(), -1
     bar = tqdm(loader, total=num_batches, desc=f"epoch {epoch + 1}/{spec.epochs}", disable=None, leave=False)
@@ -239,7 +222,7 @@ def _train_epoch(model, objective, loader, optimizer, scaler, ema, spec: LoopSpe
         for name, value in parts.items():
             totals[name] = totals.get(name, 0) + value.detach()  # stays on the device: no sync
         images_seen += images.shape[0]
-        if i % spec.log_every == 0:  # the only host sync in the loop
+        if i % LOG_EVERY == 0:  # the only host sync in the loop
             bar.set_postfix({k: f"{v.item() / (i + 1):.4f}" for k, v in totals.items() if k != "loss"})
     dev.synchronize(info)
     seconds = time.perf_counter() - start
@@ -248,7 +231,7 @@ def _train_epoch(model, objective, loader, optimizer, scaler, ema, spec: LoopSpe
     return means, seconds, images_seen
 
 
-def _optimizer_step(model: nn.Module, optimizer, scaler, spec: LoopSpec) -> None:
+def _optimizer_step(model: nn.Module, optimizer, scaler, spec: TrainConfig) -> None:
     scaler.unscale_(optimizer)
     if spec.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=spec.grad_clip)
