@@ -35,12 +35,15 @@ demo: $(STAMP)
 	@echo "  validation report   reports/data_validation.json"
 	@echo "  trained model       models/train/{best,last}/ (arch.json, weights.safetensors, meta.json)"
 	@echo "  optimized models    models/prune/prune-*/, models/distill/, models/quantize/*.onnx"
+	@echo "  benchmark           metrics/bench.json (every variant; selected), reports/bench/{bench.md,pareto.png}"
 	@echo "  metrics             metrics/*.json   (dvc metrics show)"
-	@echo "  plots               plots/train.csv, plots/train/*.png   (dvc plots show)"
+	@echo "  plots               plots/train.csv, plots/bench.csv, plots/train/*.png   (dvc plots show)"
 	@echo "  MLflow runs         $(BIN)/mlflow ui --backend-store-uri sqlite:///mlflow.db   (http://127.0.0.1:5000)"
+	@echo
+	@cat reports/bench/bench.md
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 clean-outputs:
-	rm -rf data/prepared data/augmented reports models checkpoints plots
+	rm -rf data/prepared data/augmented reports models checkpoints plots metrics/bench.json

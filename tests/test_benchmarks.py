@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 import sys
 
+import numpy as np
+import torch
+
 from helpers import PROJECT_ROOT
+from yolofps.data.dataset import letterbox
 
 sys.path.insert(0, str(PROJECT_ROOT / "benchmarks"))
 
@@ -32,3 +36,31 @@ def test_train_throughput_writes_stamped_json(tmp_path):
     assert {row["variant"] for row in result["results"]} == {"model_only", "model_loss", "full"}
     assert all(row["img_per_s"] > 0 for row in result["results"])
     assert result["settings"]["imgsz"] == 64 and result["environment"]["cpu_cores"] >= 1
+
+
+def test_gpu_benchmark_runs_on_cpu(tmp_path):
+    import gpu
+
+    image = np.random.default_rng(0).integers(0, 256, (96, 80, 3), dtype=np.uint8)  # non-square: resize + pad
+    ours = gpu.preprocess(torch.from_numpy(image)[None], torch.device("cpu"), torch.float32, 64)
+    reference, _, _ = letterbox(image, 64)
+    assert ours.shape == (1, 3, 64, 64)
+    assert np.abs(ours[0].permute(1, 2, 0).numpy() * 255 - reference).max() <= 1  # cv2 rounds to uint8
+
+    out = tmp_path / "result.json"
+    args = ["--device", "cpu", "--models", "tiny", "--imgsz", "64", "--source-size", "96", "80", "--batch-sizes", "1",
+            "2", "--runs", "3", "--warmup", "1", "--modes", "eager", "trace", "cudagraph", "--out", str(out)]
+    assert gpu.main(args) == 0
+    result = json.loads(out.read_text())
+    assert result["environment"]["cpu_cores"] >= 1 and result["environment"]["gpu"] is None
+    assert result["settings"]["source_size_hw"] == [96, 80] and result["settings"]["max_candidates"] == 100
+    rows = {(row["mode"], row["batch"]): row for row in result["results"]}
+    assert set(rows) == {(mode, batch) for mode in ("eager", "trace", "cudagraph") for batch in (1, 2)}
+    for mode in ("eager", "trace"):
+        for batch in (1, 2):
+            row = rows[mode, batch]
+            assert row["status"] == "ok" and row["img_per_s"] > 0 and row["max_error"] <= 1e-3
+            assert row["pre_ms"] > 0 and row["model_ms"] > 0 and row["post_ms"] > 0
+            assert row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
+    for batch in (1, 2):
+        assert rows["cudagraph", batch]["status"] in {"failed", "skipped"} and rows["cudagraph", batch]["reason"]

@@ -13,7 +13,7 @@ from yolofps.cli import STAGES
 from yolofps.paths import Paths
 
 pytestmark = pytest.mark.slow
-STAGE_ORDER = ["data", "augment", "train", "prune", "distill", "quantize"]
+STAGE_ORDER = ["data", "augment", "train", "prune", "distill", "quantize", "bench"]
 
 
 def dvc(project, *args, check=True):
@@ -37,6 +37,7 @@ def test_dvc_yaml_matches_paths_and_cli():
         "prune": {paths.models("prune"), paths.checkpoints("prune")},
         "distill": {paths.models("distill"), paths.checkpoints("distill")},
         "quantize": {paths.models("quantize")},
+        "bench": {paths.models("bench"), paths.reports / "bench"},
     }
     for name, stage in stages.items():
         assert stage["cmd"] == f"yolofps {name}"

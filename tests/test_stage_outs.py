@@ -7,9 +7,11 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from helpers import PROJECT_ROOT, TINY_PARAMS
+from yolofps.bench import contract
 from yolofps.config import load_config
 from yolofps.paths import Paths
 
@@ -51,6 +53,8 @@ def test_run_writes_exactly_the_declared_outs(pipeline_root, name):
     for out in outs:
         assert (root / out).exists(), f"{name} did not write its declared out {out}"
     metrics = json.loads((root / "metrics" / f"{name}.json").read_text())
+    if name == "bench":  # the contract document; its flat numbers sit under "summary"
+        metrics = metrics["summary"]
     assert metrics == json.loads(json.dumps(result.metrics))
 
 
@@ -74,3 +78,48 @@ def test_quantize_scores_every_variant_through_the_same_evaluation(pipeline_root
     assert metrics["ort-int8/size_mb"] < metrics["ort-fp32/size_mb"]
     meta = json.loads((root / "models" / "quantize" / "meta.json").read_text())
     assert meta["variants"]["ort-int8"]["quantization"]["format"] == "QDQ"
+
+
+def test_bench_writes_the_contract_for_every_model_and_mode(pipeline_root):
+    root, _ = pipeline_root
+    result = json.loads((root / "metrics" / "bench.json").read_text())
+    contract.validate(result)
+    names = {v["name"] for v in result["variants"]}
+    for model in ("train", "prune-0.5", "distill"):
+        assert {f"{model}/eager-fp32", f"{model}/trace-fp32", f"{model}/onnxruntime-fp32"} <= names
+    assert "quantize/onnxruntime-int8" in names
+    (baseline,) = [v for v in result["variants"] if v["baseline"]]
+    assert baseline["name"] == "train/eager-fp32" and baseline["status"] == "ok" and baseline["speedup_b1"] == 1.0
+    for variant in result["variants"]:
+        if variant["status"] != "failed":
+            assert set(variant["throughput"]) == {"1", "2"} and variant["fps_b1"] > 0
+            assert (root / variant["artifact"]).exists()
+    # trace and ONNX Runtime fp32 run the same weights: the same accuracy as eager
+    by_name = {v["name"]: v for v in result["variants"]}
+    assert abs(by_name["train/trace-fp32"]["map50_95"] - baseline["map50_95"]) < 1e-3
+    assert abs(by_name["train/onnxruntime-fp32"]["map50_95"] - baseline["map50_95"]) < 0.01
+    assert result["selected"]["name"] in names and result["environment"]["deployment"]["conf"] == 0.25
+    assert "| train/eager-fp32 |" in (root / "reports" / "bench" / "bench.md").read_text()
+
+
+def test_bench_marks_a_broken_variant_failed_and_keeps_going(pipeline_root, monkeypatch):
+    from yolofps.stages import bench
+
+    real_build = bench.build
+
+    def build_with_faults(variant, *args, **kwargs):
+        detector = real_build(variant, *args, **kwargs)
+        if variant.name == "prune-0.5/trace-fp32":
+            return lambda images: detector(images).index_fill(-1, torch.tensor([4, 5]), 1.0)  # every anchor fires
+        if variant.name == "distill/eager-fp32":
+            raise RuntimeError("no kernel for this mode here")
+        return detector
+
+    monkeypatch.setattr(bench, "build", build_with_faults)
+    root, cfg = pipeline_root
+    bench.run(cfg, Paths(root))
+    by_name = {v["name"]: v for v in json.loads((root / "metrics" / "bench.json").read_text())["variants"]}
+    diverged, raised = by_name["prune-0.5/trace-fp32"], by_name["distill/eager-fp32"]
+    assert diverged["status"] == "failed" and "diverges" in diverged["reason"] and diverged["fps_b1"] is None
+    assert raised["status"] == "failed" and "no kernel for this mode here" in raised["reason"]
+    assert by_name["train/eager-fp32"]["status"] == "ok"

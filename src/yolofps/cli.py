@@ -24,6 +24,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "prune": ("yolofps.stages.prune", "structured channel pruning + fine-tuning per ratio (DVC stage)"),
     "distill": ("yolofps.stages.distill", "distill the baseline into the pruned student, no-KD control (DVC stage)"),
     "quantize": ("yolofps.stages.quantize", "ONNX Runtime fp32 + static INT8 (CPU), fp16/bf16 (CUDA) (DVC stage)"),
+    "bench": ("yolofps.stages.bench", "end-to-end FPS + mAP of every variant and mode, pick one (DVC stage)"),
 }
 
 

@@ -195,6 +195,43 @@ class QuantizeConfig:
         _check(self.opset >= 17, "quantize.opset must be >= 17")
 
 
+BENCH_MODES = ("eager", "channels_last", "trace", "compile", "onnxruntime", "fp16", "bf16", "cudagraph")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """`bench` section: end-to-end latency, throughput and mAP of every variant, and the selection policy."""
+
+    modes: tuple[str, ...] = ("eager", "channels_last", "trace", "compile", "onnxruntime", "fp16", "cudagraph")
+    batch_sizes: tuple[int, ...] = (1, 8)  # throughput (img/s, end to end) at each
+    warmup: int = 5
+    runs: int = 50  # timed batch-1 runs per variant (p50/p95/p99)
+    throughput_runs: int = 5  # timed batches per batch size
+    threads: int = 0  # CPU threads for torch and onnxruntime; 0 = all cores
+    conf: float = 0.25  # deployment post-processing settings (the timed NMS)
+    iou: float = 0.45
+    max_det: int = 300
+    check_images: int = 8  # val images whose detections each variant must reproduce from its source model
+    min_agreement: float = 0.95  # matched detections vs the source model (F1 at IoU 0.5); float variants
+    min_agreement_int8: float = 0.6  # INT8 is judged by mAP; this only catches a broken model
+    policy: Literal["fastest_within_drop", "pareto"] = "fastest_within_drop"
+    max_map_drop: float = 0.015  # mAP50-95 a selectable variant may lose against the baseline
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.modes) - set(BENCH_MODES))
+        _check(not unknown, f"bench.modes: unknown {unknown}; choose from {list(BENCH_MODES)}")
+        _check("eager" in self.modes, "bench.modes must include eager: the baseline is the model in fp32 eager")
+        _check(len(self.batch_sizes) >= 1 and all(b >= 1 for b in self.batch_sizes), "bench.batch_sizes must be >= 1")
+        _check(self.warmup >= 0 and self.runs >= 3 and self.throughput_runs >= 1,
+               "bench.warmup >= 0, bench.runs >= 3 and bench.throughput_runs >= 1")
+        _check(self.threads >= 0 and self.max_det >= 1 and self.check_images >= 1,
+               "bench.threads >= 0, bench.max_det >= 1 and bench.check_images >= 1")
+        _check(0 <= self.conf < 1 and 0 < self.iou <= 1, "bench.conf must be in [0, 1) and bench.iou in (0, 1]")
+        _check(0 <= self.min_agreement <= 1 and 0 <= self.min_agreement_int8 <= 1,
+               "bench.min_agreement and bench.min_agreement_int8 must be in [0, 1]")
+        _check(0 <= self.max_map_drop <= 1, "bench.max_map_drop must be in [0, 1]")
+
+
 @dataclass(frozen=True)
 class MLflowConfig:
     """`mlflow` section: where runs are tracked (an embedded SQLite store by default, no server)."""
@@ -216,6 +253,7 @@ class Config:
     prune: PruneConfig = field(default_factory=PruneConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
     mlflow: MLflowConfig = field(default_factory=MLflowConfig)
 
     def __post_init__(self) -> None:
@@ -373,7 +411,8 @@ def _transform(value: Any, source: str, key: str) -> TransformSpec:
     if isinstance(value, str):
         return TransformSpec(value, {})
     if not isinstance(value, dict) or len(value) != 1:
-        raise ConfigError(f"{source}: {key} must be a one-key mapping like `- HorizontalFlip: {{p: 0.5}}`, got {value!r}")
+        raise ConfigError(f"{source}: {key} must be a one-key mapping like `- HorizontalFlip: {{p: 0.5}}`, "
+                          f"got {value!r}")
     (name, args), = value.items()
     if args is None:
         args = {}

@@ -62,6 +62,23 @@ def pipeline_parent_run(cfg: MLflowConfig, root: Path, *, name: str, tags: dict[
             client.set_terminated(run_id, status)
 
 
+def log_to_parent_run(cfg: MLflowConfig, path: Path, artifact_path: str) -> None:
+    """Also log a file or folder to the pipeline's parent run (when a flow opened one); best-effort like all tracking."""
+    parent = os.environ.get(PARENT_RUN_ENV)
+    if not parent or not path.exists():
+        return
+    try:
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=cfg.tracking_uri)
+        if path.is_dir():
+            client.log_artifacts(parent, str(path), artifact_path)
+        else:
+            client.log_artifact(parent, str(path), artifact_path)
+    except Exception as err:
+        log.warning("MLflow: logging %s to the pipeline run failed (%s); continuing", path, err)
+
+
 class TrackingRun:
     """One MLflow run for a stage: params and tags at start, metrics per epoch, artifacts at the end."""
 

@@ -1,0 +1,131 @@
+"""What a benchmark concludes: speed-ups, the Pareto front, the selection policy, and the reports people read."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import Any, Sequence
+
+from yolofps.fileio import write_text
+
+REFERENCE = "train/onnxruntime-fp32"  # the unpruned model's plain ONNX export: the bar the optimizations must clear
+
+
+def add_speedups(rows: list[dict[str, Any]]) -> None:
+    """`speedup_b1` against the baseline row and `speedup_vs_onnx_b1` against the unpruned ONNX Runtime fp32 row."""
+    baseline = next((r for r in rows if r["baseline"] and r["status"] != "failed"), None)
+    reference = next((r for r in rows if r["name"] == REFERENCE and r["status"] != "failed"), None)
+    for row in rows:
+        fps = row.get("fps_b1")
+        row["speedup_b1"] = round(fps / baseline["fps_b1"], 3) if fps and baseline else None
+        row["speedup_vs_onnx_b1"] = round(fps / reference["fps_b1"], 3) if fps and reference else None
+
+
+def judge_accuracy(rows: list[dict[str, Any]], max_map_drop: float) -> None:
+    """Rows that ran but lose more than `max_map_drop` mAP50-95 against the baseline become `rejected`."""
+    baseline = next((r for r in rows if r["baseline"] and r["status"] == "ok"), None)
+    for row in rows:
+        if baseline is None or row.get("map50_95") is None:
+            continue
+        row["map_drop"] = round(baseline["map50_95"] - row["map50_95"], 5)
+        if row["status"] == "ok" and row["map_drop"] > max_map_drop:
+            row["status"] = "rejected"
+            row["reason"] = f"mAP50-95 {row['map50_95']:.4f} is {row['map_drop']:.4f} below the baseline " \
+                            f"(bench.max_map_drop {max_map_drop})"
+
+
+def pareto_front(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Names of the rows no other row beats on both FPS and mAP50-95 (failed rows excluded), fastest first."""
+    alive = [r for r in rows if r["status"] != "failed" and r.get("fps_b1")]
+    front = [r for r in alive
+             if not any(o["fps_b1"] >= r["fps_b1"] and o["map50_95"] >= r["map50_95"]
+                        and (o["fps_b1"] > r["fps_b1"] or o["map50_95"] > r["map50_95"]) for o in alive)]
+    return [r["name"] for r in sorted(front, key=lambda r: -r["fps_b1"])]
+
+
+def select(rows: Sequence[dict[str, Any]], policy: str, max_map_drop: float) -> dict[str, Any]:
+    """The variant to register: the fastest `ok` row (within `max_map_drop` of the baseline), with the reason.
+
+    Policy `pareto` selects the same row and also lists the Pareto front for a registry that holds several.
+    """
+    ok = [r for r in rows if r["status"] == "ok" and r.get("fps_b1")]
+    if not ok:
+        return {"name": None, "reason": "no variant ran successfully within the accuracy budget"}
+    best = max(ok, key=lambda r: r["fps_b1"])
+    versus = f", {best['speedup_vs_onnx_b1']:.2f}x the unpruned ONNX Runtime fp32" if best.get(
+        "speedup_vs_onnx_b1") else ""
+    reason = (f"fastest variant within {max_map_drop} mAP50-95 of the baseline: {best['fps_b1']:.1f} FPS end to end "
+              f"at batch 1 ({best['speedup_b1']:.2f}x the torch fp32 eager baseline{versus}), "
+              f"mAP50-95 {best['map50_95']:.4f} (drop {best.get('map_drop', 0.0):.4f})")
+    selected = {"name": best["name"], "reason": reason}
+    if policy == "pareto":
+        selected["front"] = pareto_front(rows)
+    return selected
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], environment: dict[str, Any], deployment: dict[str, Any],
+                   selected: dict[str, Any]) -> str:
+    """ultralytics-style benchmark table: one line per variant, end-to-end ms/img and FPS at batch 1."""
+    where = environment.get("gpu") or f"{environment.get('cpu')} ({environment.get('cpu_cores')} cores)"
+    lines = [f"Benchmark on {where}, torch {environment.get('torch')}, onnxruntime {environment.get('onnxruntime')}; "
+             f"imgsz {deployment['imgsz']}, batch 1, end to end (decode + letterbox + model + NMS at conf "
+             f"{deployment['conf']}, IoU {deployment['iou']}, max_det {deployment['max_det']}).", "",
+             "| Variant | Status | Size (MB) | mAP50-95 | mAP50 | ms/img (pre+model+post) | FPS | vs baseline "
+             "| vs ONNX fp32 |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lat = r.get("latency_ms_b1") or {}
+        split = f"{lat['p50']:.1f} ({lat['pre']:.1f}+{lat['model']:.1f}+{lat['post']:.1f})" if lat else "-"
+        mark = " **(selected)**" if r["name"] == selected.get("name") else ""
+        lines.append(f"| {r['name']}{mark} | {r['status']} | {_num(r.get('size_mb'), 2)} | "
+                     f"{_num(r.get('map50_95'), 4)} | {_num(r.get('map50'), 4)} | {split} | {_num(r.get('fps_b1'), 1)} "
+                     f"| {_num(r.get('speedup_b1'), 2, 'x')} | {_num(r.get('speedup_vs_onnx_b1'), 2, 'x')} |")
+    failed = [r for r in rows if r["status"] != "ok" and r.get("reason")]
+    if failed:
+        lines += ["", "Not selectable:"] + [f"- {r['name']}: {r['reason']}" for r in failed]
+    lines += ["", f"Selected: {selected.get('name')} — {selected.get('reason')}"]
+    return "\n".join(lines) + "\n"
+
+
+def _num(value: Any, digits: int, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:.{digits}f}{suffix}"
+
+
+def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """One line per variant that ran (DVC plots: FPS vs mAP50-95)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fields = ["name", "status", "fps_b1", "map50_95", "map50", "size_mb"]
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(r for r in rows if r.get("fps_b1"))
+
+
+def pareto_plot(path: Path, rows: Sequence[dict[str, Any]]) -> None:
+    """FPS (batch 1, end to end) against mAP50-95; the Pareto front joined and highlighted."""
+    from matplotlib.figure import Figure  # rendered by Agg on save; no pyplot global state (as engine/plots.py)
+
+    front = pareto_front(rows)
+    by_name = {r["name"]: r for r in rows}
+    fig = Figure(figsize=(8, 5.5))
+    ax = fig.subplots()
+    for r in rows:
+        if r["status"] == "failed" or not r.get("fps_b1"):
+            continue
+        on_front = r["name"] in front
+        ax.scatter(r["fps_b1"], r["map50_95"], s=50 if on_front else 25, marker="o" if r["status"] == "ok" else "x",
+                   color="tab:red" if on_front else "tab:gray", zorder=3)
+        ax.annotate(r["name"], (r["fps_b1"], r["map50_95"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    if front:
+        points = sorted((by_name[n]["fps_b1"], by_name[n]["map50_95"]) for n in front)
+        ax.plot(*zip(*points), color="tab:red", linewidth=1, label="Pareto front")
+        ax.legend(loc="lower left")
+    ax.set(xlabel="FPS, batch 1, end to end", ylabel="mAP50-95", title="Speed vs accuracy (x = rejected)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+
+
+def write_markdown(path: Path, text: str) -> None:
+    write_text(path, text)
