@@ -13,7 +13,7 @@ from yolofps.cli import STAGES
 from yolofps.paths import Paths
 
 pytestmark = pytest.mark.slow
-STAGE_ORDER = ["data", "augment", "train", "prune", "distill", "quantize", "bench"]
+STAGE_ORDER = ["data", "augment", "train", "prune", "distill", "quantize", "bench", "register"]
 
 
 def dvc(project, *args, check=True):
@@ -38,6 +38,7 @@ def test_dvc_yaml_matches_paths_and_cli():
         "distill": {paths.models("distill"), paths.checkpoints("distill")},
         "quantize": {paths.models("quantize")},
         "bench": {paths.models("bench"), paths.reports / "bench"},
+        "register": {paths.reports / "registered_model.json"},
     }
     for name, stage in stages.items():
         assert stage["cmd"] == f"yolofps {name}"

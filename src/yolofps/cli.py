@@ -25,6 +25,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "distill": ("yolofps.stages.distill", "distill the baseline into the pruned student, no-KD control (DVC stage)"),
     "quantize": ("yolofps.stages.quantize", "ONNX Runtime fp32 + static INT8 (CPU), fp16/bf16 (CUDA) (DVC stage)"),
     "bench": ("yolofps.stages.bench", "end-to-end FPS + mAP of every variant and mode, pick one (DVC stage)"),
+    "register": ("yolofps.stages.register", "register the chosen variant in MLflow as a pyfunc, @challenger (DVC stage)"),
 }
 
 
@@ -47,7 +48,54 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--clip-tolerance", type=float, default=0.02, help="clip boxes this far outside (normalized)")
     check.add_argument("--json", dest="json_out", help="also write the full report to this JSON file")
     check.set_defaults(handler=_validate)
+    promote = commands.add_parser("promote", help="move @champion to a registered version when the gates pass",
+                                  description="Compare a registered version with the current @champion under "
+                                  "register.gates and move @champion when every gate passes (or with --force).")
+    which = promote.add_mutually_exclusive_group()
+    which.add_argument("--version", type=int, help="registered version number")
+    which.add_argument("--alias", default="challenger", help="alias of the version to promote (default: challenger)")
+    promote.add_argument("--dry-run", action="store_true", help="print the comparison, move nothing")
+    promote.add_argument("--force", action="store_true", help="move @champion even if gates fail (needs --reason)")
+    promote.add_argument("--reason", default="", help="why (recorded in the promotion history)")
+    promote.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    promote.set_defaults(handler=_promote)
+    ui = commands.add_parser("ui", help="start the MLflow UI on 127.0.0.1 over the project's store",
+                             description="Start `mlflow ui` bound to 127.0.0.1 over mlflow.tracking_uri.")
+    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    ui.set_defaults(handler=_ui)
     return parser
+
+
+def _promote(args: argparse.Namespace) -> int:
+    import getpass
+
+    from yolofps.config import load_config
+    from yolofps.errors import ConfigError
+    from yolofps.registry import promote
+
+    if args.force and not args.reason.strip():
+        raise ConfigError("--force needs --reason TEXT: the promotion history records who forced what and why")
+    cfg = load_config(args.params)
+    r = cfg.register
+    result = promote(cfg.mlflow, r.model_name, r.gates, version=args.version,
+                     alias=args.alias if args.version is None else "", dry_run=args.dry_run, force=args.force,
+                     reason=args.reason, user=getpass.getuser(), retries=r.retries, backoff_s=r.backoff_s)
+    print(result.table())
+    return 0 if result.moved or args.dry_run or result.champion == result.candidate else 1
+
+
+def _ui(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from yolofps.config import load_config
+
+    cfg = load_config(args.params)
+    # 127.0.0.1 only: the UI has no authentication; expose it through `mlflow server --allowed-hosts` instead
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", cfg.mlflow.tracking_uri,
+               "--host", "127.0.0.1", "--port", str(args.port)]
+    print(f"MLflow UI on http://127.0.0.1:{args.port} (Ctrl-C stops it)", flush=True)
+    return subprocess.call(command)
 
 
 def _run_stage(args: argparse.Namespace) -> int:

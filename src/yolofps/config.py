@@ -8,6 +8,7 @@ params.yaml fails before any work starts. `-S key=value` overrides use the synta
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -233,6 +234,39 @@ class BenchConfig:
 
 
 @dataclass(frozen=True)
+class GatesConfig:
+    """`register.gates`: what a challenger must show against the current champion to be promoted."""
+
+    map_tolerance: float = 0.005  # challenger mAP50-95 >= champion's - this
+    min_fps_gain: float = 0.0  # challenger fps_b1 >= champion's x (1 + this), compared on the same device only
+    min_map50_95: float = 0.0  # absolute floors, champion or not
+    min_fps_b1: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.map_tolerance <= 1 and 0 <= self.min_map50_95 <= 1,
+               "register.gates.map_tolerance and register.gates.min_map50_95 must be in [0, 1]")
+        _check(self.min_fps_gain >= -1 and self.min_fps_b1 >= 0,
+               "register.gates.min_fps_gain must be >= -1 and register.gates.min_fps_b1 >= 0")
+
+
+@dataclass(frozen=True)
+class RegisterConfig:
+    """`register` section: the MLflow registered model, its aliases and the promotion gates."""
+
+    model_name: str = "yolofps-detector"
+    variant: str = "selected"  # "selected" (the bench stage's choice) or a variant name from metrics/bench.json
+    auto_promote: bool = False  # run the gates after registering and move @champion when they pass
+    retries: int = 3  # attempts at the tracking server before a clear error
+    backoff_s: float = 2.0  # wait before retry n: backoff_s * 2**(n-1)
+    gates: GatesConfig = field(default_factory=GatesConfig)
+
+    def __post_init__(self) -> None:
+        _check(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.model_name)),
+               "register.model_name must be letters, digits, '_', '.' or '-'")
+        _check(self.retries >= 1 and self.backoff_s >= 0, "register.retries >= 1 and register.backoff_s >= 0")
+
+
+@dataclass(frozen=True)
 class MLflowConfig:
     """`mlflow` section: where runs are tracked (an embedded SQLite store by default, no server)."""
 
@@ -254,6 +288,7 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
+    register: RegisterConfig = field(default_factory=RegisterConfig)
     mlflow: MLflowConfig = field(default_factory=MLflowConfig)
 
     def __post_init__(self) -> None:

@@ -1,18 +1,25 @@
-"""The only module that imports mlflow: experiment tracking (and, later, the model registry).
+"""The only module that imports mlflow (besides the pyfunc model file): tracking, and the model registry.
 
 Tracking must never cost a training run: every call degrades to a logged warning when the tracking
-store fails, and the stage's own outputs on disk stay the source of truth.
+store fails, and the stage's own outputs on disk stay the source of truth. Registration and promotion are
+the opposite: they retry with backoff and then fail with a clear error.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import datetime as dt
+import json
 import logging
 import os
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
-from yolofps.config import MLflowConfig
+from yolofps.config import GatesConfig, MLflowConfig
+from yolofps.errors import YolofpsError
 from yolofps.lineage import PARENT_RUN_ENV
 
 log = logging.getLogger(__name__)
@@ -144,3 +151,223 @@ class TrackingRun:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.end("FAILED" if exc_type else "FINISHED")
+
+
+# --------------------------------------------------------------------------------------------- model registry
+# Unlike tracking, registration is the stage's purpose: it retries with backoff, then fails with a clear error.
+
+CHALLENGER, CHAMPION = "challenger", "champion"
+HISTORY_PREFIX = "champion_history."  # registered-model tags, one per @champion move: what was champion when
+
+
+class RegistryError(YolofpsError):
+    """The model registry could not be reached or refused; the message says what is safe to do next."""
+
+
+@dataclass(frozen=True)
+class Registration:
+    """What the register stage did: the version, its run, and whether that content was already registered."""
+
+    name: str
+    version: int
+    run_id: str
+    model_uri: str
+    reused: bool
+
+
+_PERMANENT = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "PERMISSION_DENIED")
+
+
+def with_retries(what: str, fn: Callable[[], Any], *, uri: str, retries: int, backoff_s: float,
+                 then: str = "rerun when the tracking server is back") -> Any:
+    """Call `fn` up to `retries` times, waiting backoff_s * 2**n between tries; then a RegistryError.
+
+    Answers that retrying cannot change (a missing model or version, a bad argument) fail at once.
+    """
+    for attempt in range(1, retries + 1):
+        try:
+            return fn()
+        except YolofpsError:
+            raise
+        except Exception as err:  # MLflow raises MlflowException, requests errors, SQLAlchemy errors...
+            if str(getattr(err, "error_code", "")) in _PERMANENT:
+                raise RegistryError(f"{what}: {str(err)[:300]} (tracking URI {uri})") from None
+            if attempt == retries:
+                raise RegistryError(
+                    f"{what} failed after {retries} attempts at {uri}: {type(err).__name__}: {str(err)[:300]}. "
+                    f"Every file on disk is intact; {then}") from None
+            wait = backoff_s * 2 ** (attempt - 1)
+            log.warning("%s failed (%s: %s); retry %d/%d in %.1f s", what, type(err).__name__, str(err)[:200],
+                        attempt, retries - 1, wait)
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
+def _quiet_http_retries() -> None:
+    """MLflow's REST client retries for minutes by itself; keep its retries short so ours (with a message) lead."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+
+def register_model(cfg: MLflowConfig, model_name: str, *, content_hash: str, log_model: dict[str, Any],
+                   version_tags: dict[str, str], run_tags: dict[str, str], run_metrics: dict[str, float],
+                   run_artifacts: list[tuple[Path, str]], retries: int, backoff_s: float) -> Registration:
+    """Log the pyfunc (models-from-code), register it as a new version tagged with lineage, alias @challenger.
+
+    Idempotent: a version whose `content_hash` tag matches is reused (alias moved to it), never duplicated.
+    `log_model` holds the keyword arguments of mlflow.pyfunc.log_model (python_model, artifacts, ...).
+    """
+    _quiet_http_retries()
+    import mlflow
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=cfg.tracking_uri)
+
+    def attempt() -> Registration:
+        try:
+            client.get_registered_model(model_name)
+        except mlflow.exceptions.MlflowException as err:
+            if "RESOURCE_DOES_NOT_EXIST" not in str(err.error_code):
+                raise
+            client.create_registered_model(model_name, description="YOLOv5 detectors registered by yolofps: "
+                                           "pre-processing, model and NMS in one pyfunc. @champion serves.")
+        existing = client.search_model_versions(f"name = '{model_name}' and tags.content_hash = '{content_hash}'")
+        if existing:
+            found = max(existing, key=lambda v: int(v.version))
+            client.set_registered_model_alias(model_name, CHALLENGER, found.version)
+            return Registration(model_name, int(found.version), found.run_id, f"models:/{model_name}/{found.version}",
+                                reused=True)
+        mlflow.set_tracking_uri(cfg.tracking_uri)
+        mlflow.set_experiment(cfg.experiment)
+        with mlflow.start_run(run_name="register", tags=run_tags,
+                              parent_run_id=os.environ.get(PARENT_RUN_ENV) or None) as run:
+            info = mlflow.pyfunc.log_model(name="model", **log_model)
+            mlflow.log_metrics(run_metrics)
+            for path, artifact_path in run_artifacts:
+                if path.is_dir():
+                    mlflow.log_artifacts(str(path), artifact_path)
+                elif path.is_file():
+                    mlflow.log_artifact(str(path), artifact_path)
+            version = mlflow.register_model(info.model_uri, model_name, tags=version_tags | {
+                "content_hash": content_hash})
+        client.set_registered_model_alias(model_name, CHALLENGER, version.version)
+        return Registration(model_name, int(version.version), run.info.run_id, f"models:/{model_name}/{version.version}",
+                            reused=False)
+
+    return with_retries(f"registering {model_name}", attempt, uri=cfg.tracking_uri, retries=retries,
+                        backoff_s=backoff_s, then="rerun the stage when the tracking server is back (the same model "
+                        "content is registered once)")
+
+
+@dataclass(frozen=True)
+class Gate:
+    """One promotion check and what it compared."""
+
+    name: str
+    passed: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """The outcome of `promote`: the candidate, the champion it was compared with, the gates, and what happened."""
+
+    model_name: str
+    candidate: int
+    champion: int | None
+    gates: list[Gate]
+    moved: bool
+    forced: bool
+
+    @property
+    def passed(self) -> bool:
+        return all(g.passed for g in self.gates)
+
+    def table(self) -> str:
+        lines = [f"{self.model_name}: candidate v{self.candidate} vs champion "
+                 f"{'v' + str(self.champion) if self.champion else '(none)'}"]
+        lines += [f"  [{'pass' if g.passed else 'FAIL'}] {g.name}: {g.detail}" for g in self.gates]
+        verdict = "moved @champion" if self.moved else "did not move @champion"
+        lines.append(f"  -> {verdict}{' (forced)' if self.forced else ''}")
+        return "\n".join(lines)
+
+
+def check_gates(candidate: dict[str, str], champion: dict[str, str] | None, gates: GatesConfig) -> list[Gate]:
+    """The promotion gates on two versions' tags (map50_95, fps_b1, device)."""
+    cand_map, cand_fps = float(candidate.get("map50_95", "nan")), float(candidate.get("fps_b1", "nan"))
+    checks = [Gate("mAP50-95 floor", cand_map >= gates.min_map50_95, f"{cand_map:.4f} >= {gates.min_map50_95}"),
+              Gate("FPS floor", cand_fps >= gates.min_fps_b1, f"{cand_fps:.1f} >= {gates.min_fps_b1}")]
+    if champion is None:
+        return checks
+    champ_map, champ_fps = float(champion.get("map50_95", "nan")), float(champion.get("fps_b1", "nan"))
+    checks.append(Gate("mAP50-95 vs champion", cand_map >= champ_map - gates.map_tolerance,
+                       f"{cand_map:.4f} >= {champ_map:.4f} - {gates.map_tolerance}"))
+    same_device = candidate.get("bench_device_name") == champion.get("bench_device_name")
+    if same_device:
+        need = champ_fps * (1 + gates.min_fps_gain)
+        checks.append(Gate("FPS vs champion", cand_fps >= need, f"{cand_fps:.1f} >= {champ_fps:.1f} x "
+                                                                 f"(1 + {gates.min_fps_gain}) = {need:.1f}"))
+    else:
+        checks.append(Gate("FPS vs champion", False, "measured on different devices "
+                           f"({candidate.get('bench_device_name')} vs {champion.get('bench_device_name')}): "
+                           "re-benchmark both on one device, or --force with a reason"))
+    return checks
+
+
+def promote(cfg: MLflowConfig, model_name: str, gates: GatesConfig, *, version: int | None = None,
+            alias: str = CHALLENGER, dry_run: bool = False, force: bool = False, reason: str = "",
+            user: str = "", retries: int = 3, backoff_s: float = 2.0) -> Promotion:
+    """Move @champion to a version when the gates pass against the current champion (or when forced)."""
+    _quiet_http_retries()
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=cfg.tracking_uri)
+
+    def attempt() -> Promotion:
+        candidate = (client.get_model_version(model_name, str(version)) if version is not None
+                     else client.get_model_version_by_alias(model_name, alias))
+        champion = _version_by_alias(client, model_name, CHAMPION)
+        if champion is not None and champion.version == candidate.version:
+            return Promotion(model_name, int(candidate.version), int(champion.version),
+                             [Gate("already champion", True, f"v{candidate.version} holds @champion")], False, False)
+        checks = check_gates(candidate.tags, champion.tags if champion else None, gates)
+        promo = Promotion(model_name, int(candidate.version), int(champion.version) if champion else None, checks,
+                          moved=False, forced=force and not all(g.passed for g in checks))
+        if dry_run or not (promo.passed or force):
+            return promo
+        now = dt.datetime.now(dt.timezone.utc)
+        record = {"version": int(candidate.version), "previous": int(champion.version) if champion else None,
+                  "at": now.isoformat(timespec="seconds"), "by": user, "reason": reason, "forced": promo.forced,
+                  "gates": {g.name: g.passed for g in checks}}
+        # history and version tags first, the alias last: a failure in between leaves @champion where it was
+        key = f"{HISTORY_PREFIX}{now.strftime('%Y%m%dT%H%M%S.%fZ')}.v{candidate.version}"  # unique per move
+        client.set_registered_model_tag(model_name, key, json.dumps(record))
+        for key, value in {"promoted_at": record["at"], "promoted_by": user, "promotion_reason": reason or "gates passed",
+                           "promotion_forced": str(promo.forced).lower()}.items():
+            client.set_model_version_tag(model_name, candidate.version, key, value)
+        client.set_registered_model_alias(model_name, CHAMPION, candidate.version)
+        return dataclasses.replace(promo, moved=True)
+
+    return with_retries(f"promoting {model_name}", attempt, uri=cfg.tracking_uri, retries=retries,
+                        backoff_s=backoff_s)
+
+
+def champion_history(cfg: MLflowConfig, model_name: str) -> list[dict[str, Any]]:
+    """Every @champion move, oldest first (answers "what was champion on date X")."""
+    from mlflow import MlflowClient
+
+    tags = MlflowClient(tracking_uri=cfg.tracking_uri).get_registered_model(model_name).tags
+    moves = sorted((k, v) for k, v in tags.items() if k.startswith(HISTORY_PREFIX))  # keys sort by time
+    return [json.loads(v) for _, v in moves]
+
+
+def _version_by_alias(client, model_name: str, alias: str):
+    import mlflow
+
+    try:
+        return client.get_model_version_by_alias(model_name, alias)
+    except mlflow.exceptions.MlflowException as err:
+        if "RESOURCE_DOES_NOT_EXIST" in str(err.error_code) or "INVALID_PARAMETER_VALUE" in str(err.error_code):
+            return None
+        raise

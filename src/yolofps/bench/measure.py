@@ -1,6 +1,6 @@
 """End-to-end measurement of one detector: pre-process + model + NMS, as a deployment runs it.
 
-Pre-process: decode the image file, letterbox to S×S, BGR→RGB, HWC→CHW, host→device, uint8 → float 0..1.
+Pre-process: decode the image file (to RGB), letterbox to S×S, HWC→CHW, host→device, uint8 → float 0..1.
 Model: the variant under test (a torch module, a traced/compiled module or an onnxruntime session).
 Post-process: decode is in the model; NMS at deployment settings (conf, IoU, max_det) and boxes mapped back to
 the original image. Each phase ends with a device synchronization, so the split is wall time as a caller sees it.
@@ -46,16 +46,26 @@ class Letterboxed:
     pad: tuple[float, float]
 
 
-def preprocess(paths: Sequence[Path], imgsz: int, info: dev.DeviceInfo) -> tuple[torch.Tensor, list[Letterboxed]]:
-    """Image files -> float [B, 3, S, S] in 0..1 on the device, and how each was letterboxed."""
+def read_rgb(path: str | Path) -> np.ndarray:
+    """Decode an image file to uint8 RGB HWC; a file that is not an image is a DataSetError naming it."""
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise DataSetError(f"{path}: not a readable image")
+    return np.ascontiguousarray(image[:, :, ::-1])
+
+
+def preprocess(images: Sequence[Path | str | np.ndarray], imgsz: int, info: dev.DeviceInfo
+               ) -> tuple[torch.Tensor, list[Letterboxed]]:
+    """Image files (or uint8 RGB HWC arrays) -> float [B, 3, S, S] in 0..1 on the device, and their letterboxes."""
     arrays, metas = [], []
-    for path in paths:
-        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if image is None:
-            raise DataSetError(f"{path}: not a readable image")
-        boxed, ratio, pad = letterbox(image, imgsz)
-        arrays.append(boxed[:, :, ::-1].transpose(2, 0, 1))  # BGR HWC -> RGB CHW
-        metas.append(Letterboxed(str(path), image.shape[:2], ratio, pad))
+    for index, image in enumerate(images):
+        source = f"array {index}" if isinstance(image, np.ndarray) else str(image)
+        rgb = image if isinstance(image, np.ndarray) else read_rgb(image)
+        if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+            raise DataSetError(f"{source}: expected a uint8 RGB image [H, W, 3], got {rgb.dtype} {list(rgb.shape)}")
+        boxed, ratio, pad = letterbox(rgb, imgsz)
+        arrays.append(boxed.transpose(2, 0, 1))  # HWC -> CHW
+        metas.append(Letterboxed(source, rgb.shape[:2], ratio, pad))
     batch = torch.from_numpy(np.ascontiguousarray(np.stack(arrays)))
     return dev.to_device(batch, info), metas
 
@@ -72,9 +82,10 @@ def postprocess(predictions: torch.Tensor, metas: Sequence[Letterboxed], deploym
     return out
 
 
-def detect(model: Detector, paths: Sequence[Path], deployment: Deployment, info: dev.DeviceInfo) -> list[np.ndarray]:
-    """The whole deployment path once, untimed."""
-    images, metas = preprocess(paths, deployment.imgsz, info)
+def detect(model: Detector, images: Sequence[Path | str | np.ndarray], deployment: Deployment,
+           info: dev.DeviceInfo) -> list[np.ndarray]:
+    """The whole deployment path once, untimed: per image [k, 6] (x1, y1, x2, y2, score, class) in its pixels."""
+    images, metas = preprocess(images, deployment.imgsz, info)
     with torch.inference_mode():
         return postprocess(model(images), metas, deployment)
 

@@ -1,0 +1,1 @@
+"""Serving: the registered model's inference path (pre-process + model + NMS), with and without MLflow."""

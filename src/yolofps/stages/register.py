@@ -1,0 +1,130 @@
+"""`register` stage: the bench stage's chosen variant becomes a version of an MLflow registered model.
+
+The version is a pyfunc (MLflow models-from-code: `yolofps/serving/mlflow_model.py`, no pickled classes) with
+pre-processing, the model and NMS inside: image files or uint8 RGB arrays in, detections in original pixels out.
+Weights stay safetensors (torch variants) or ONNX (ONNX Runtime / INT8 variants); the yolofps package travels
+with the model (`code_paths`), so `mlflow.pyfunc.load_model("models:/<name>@challenger")` works without the
+project. Tags carry the lineage (git, DVC md5s, params hash, pipeline run id) and the benchmark figures. The
+stage sets `@challenger`; `yolofps promote` (or `register.auto_promote`) moves `@champion` through the gates.
+Writes `reports/registered_model.json` (the receipt).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yolofps
+from yolofps.bench import contract
+from yolofps.config import Config, to_dict
+from yolofps.data import formats
+from yolofps.errors import ConfigError, YolofpsError
+from yolofps.fileio import write_json
+from yolofps.lineage import dvc_input_hashes, lineage_tags
+from yolofps.paths import Paths
+from yolofps.registry import promote, register_model
+from yolofps.stages import StageResult
+
+CODE_FILE = Path(yolofps.__file__).parent / "serving" / "mlflow_model.py"
+PIP_REQUIREMENTS = ["torch", "numpy", "pandas", "opencv-python-headless", "onnxruntime", "safetensors", "pyyaml",
+                    "albumentations==2.0.8"]  # what the pyfunc imports (albumentations: the letterbox's module)
+
+
+def receipt_path(paths: Paths) -> Path:
+    return paths.reports / "registered_model.json"
+
+
+def chosen_variant(bench: dict[str, Any], wanted: str) -> dict[str, Any]:
+    """The bench row to register: the selected one, or the one named in `register.variant`."""
+    by_name = {v["name"]: v for v in bench["variants"]}
+    name = bench["selected"]["name"] if wanted == "selected" else wanted
+    if name is None:
+        raise YolofpsError(f"metrics/bench.json selected nothing ({bench['selected']['reason']}); nothing to register")
+    if name not in by_name:
+        raise ConfigError(f"register.variant {name!r} is not in metrics/bench.json; choose from {sorted(by_name)}")
+    row = by_name[name]
+    if row["status"] == "failed":
+        raise YolofpsError(f"variant {name} failed in the benchmark ({row.get('reason')}); it cannot be registered")
+    return row
+
+
+def content_hash(artifact: Path, row: dict[str, Any]) -> str:
+    """sha256 of the model files plus how it runs: the same content registers once."""
+    digest = hashlib.sha256(json.dumps([row["runtime"], row["mode"], row["dtype"], row["imgsz"]]).encode())
+    files = sorted(p for p in artifact.rglob("*") if p.is_file()) if artifact.is_dir() else [artifact]
+    for path in files:
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:32]
+
+
+def version_tags(paths: Paths, cfg: Config, row: dict[str, Any], bench: dict[str, Any]) -> dict[str, str]:
+    """Lineage and benchmark figures, so a version answers "where from, how fast" without opening anything."""
+    env = bench["environment"]
+    tags = lineage_tags(paths.root, "register", to_dict(cfg.register))
+    tags |= dvc_input_hashes(paths.root, "bench")  # data and every model output the benchmark read
+    tags |= {"variant": row["name"], "model": row["model"], "runtime": row["runtime"], "mode": row["mode"],
+             "dtype": row["dtype"], "imgsz": str(row["imgsz"]), "device": row["device"],
+             "fps_b1": str(row["fps_b1"]), "map50_95": str(row["map50_95"]), "map50": str(row["map50"]),
+             "throughput": json.dumps(row["throughput"]), "speedup_b1": str(row["speedup_b1"]),
+             "bench_status": row["status"], "size_mb": str(row["size_mb"]),
+             "bench_device_name": env.get("gpu") or f"{env.get('cpu')} x{env.get('cpu_cores')}",
+             "bench_environment": json.dumps({k: env.get(k) for k in ("cpu", "cpu_cores", "gpu", "torch",
+                                                                      "onnxruntime", "threads", "time_utc")})}
+    return {k: v[:5000] for k, v in tags.items()}
+
+
+def run(cfg: Config, paths: Paths = Paths()) -> StageResult:
+    """Register the chosen variant (once per content), set @challenger, optionally promote; write the receipt."""
+    r = cfg.register
+    bench = json.loads(paths.metrics("bench").read_text())
+    contract.validate(bench, str(paths.metrics("bench")))
+    row = chosen_variant(bench, r.variant)
+    artifact = paths.root / row["artifact"]
+    meta = json.loads((paths.models("train") / "best" / "meta.json").read_text())
+    deployment = bench["environment"]["deployment"]
+    model_config = {"runtime": row["runtime"], "mode": row["mode"], "dtype": row["dtype"], "imgsz": row["imgsz"],
+                    "names": list(meta["names"]), "conf": deployment["conf"], "iou": deployment["iou"],
+                    "max_det": deployment["max_det"], "device": "auto"}
+    example = formats.list_images(paths.augmented_data / "images" / "val")[:1]
+    import pandas as pd
+
+    log_model = {"python_model": str(CODE_FILE), "artifacts": {"model": str(artifact)}, "model_config": model_config,
+                 "code_paths": [str(CODE_FILE.parents[1])], "pip_requirements": PIP_REQUIREMENTS,
+                 "input_example": pd.DataFrame({"image": [str(p) for p in example]})}
+    tags = version_tags(paths, cfg, row, bench)
+    numbers = {"fps_b1": row["fps_b1"], "map50_95": row["map50_95"], "map50": row["map50"]}
+    registration = register_model(
+        cfg.mlflow, r.model_name, content_hash=content_hash(artifact, row), log_model=log_model, version_tags=tags,
+        run_tags=tags, run_metrics={k: float(v) for k, v in numbers.items() if v is not None},
+        run_artifacts=[(paths.reports / "bench", "bench"), (paths.metrics("bench"), "bench")],
+        retries=r.retries, backoff_s=r.backoff_s)
+    verb = "reused" if registration.reused else "registered"
+    print(f"register: {verb} {r.model_name} v{registration.version} ({row['name']}) as @challenger", flush=True)
+    receipt = {"model_name": r.model_name, "version": registration.version, "run_id": registration.run_id,
+               "model_uri": registration.model_uri, "alias_uri": f"models:/{r.model_name}@challenger",
+               "variant": row["name"], "reused": registration.reused, "promoted": False}
+    if r.auto_promote:
+        result = promote(cfg.mlflow, r.model_name, r.gates, version=registration.version, user="register stage",
+                         reason="register.auto_promote", retries=r.retries, backoff_s=r.backoff_s)
+        print(result.table(), flush=True)
+        receipt["promoted"] = result.moved
+    write_json(receipt_path(paths), receipt)
+    metrics = {"version": registration.version, "reused": int(registration.reused), "promoted": int(receipt["promoted"]),
+               "fps_b1": row["fps_b1"], "map50_95": row["map50_95"]}
+    write_json(paths.metrics("register"), metrics)
+    return StageResult(outputs={"receipt": receipt_path(paths), "metrics": paths.metrics("register")}, metrics=metrics)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m yolofps.stages.register`: the same as `yolofps register`."""
+    from yolofps import cli
+
+    return cli.main(["register", *(argv if argv is not None else sys.argv[1:])])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

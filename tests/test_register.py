@@ -1,0 +1,206 @@
+"""register stage and promotion against real MLflow: the embedded SQLite store and a `mlflow server` subprocess."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import importlib
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from helpers import PROJECT_ROOT, TINY_PARAMS, tool_env
+from yolofps.config import GatesConfig, load_config
+from yolofps.data import formats
+from yolofps.errors import YolofpsError
+from yolofps.paths import Paths
+from yolofps.registry import RegistryError, champion_history, check_gates, promote
+from yolofps.serving.detector import Detector, ServingConfig
+from yolofps.stages import register
+
+# No deployment threshold, so the tiny (barely trained) model's registered pyfunc has detections to compare. Its
+# near-equal scores make ties that float noise reorders, so the bench's agreement floors are relaxed here.
+PARAMS = TINY_PARAMS | {"data.num_train": 8, "augment.copies": 0, "bench.conf": 0.0, "bench.min_agreement": 0.5,
+                        "bench.min_agreement_int8": 0.0}
+NAME = "yolofps-detector"
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """The tiny pipeline up to the bench stage, run through each stage's run(), and an SQLite MLflow store."""
+    root = tmp_path_factory.mktemp("register")
+    store = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'registry.db'}"
+    cfg = load_config(PROJECT_ROOT / "params.yaml", PARAMS | {"mlflow.tracking_uri": store})
+    for stage in ("data", "augment", "train", "prune", "distill", "quantize", "bench"):
+        importlib.import_module(f"yolofps.stages.{stage}").run(cfg, Paths(root))
+    return root, cfg
+
+
+def with_register(cfg, **changes):
+    return dataclasses.replace(cfg, register=dataclasses.replace(cfg.register, **changes))
+
+
+def val_images(root):
+    return formats.list_images(Paths(root).augmented_data / "images" / "val")
+
+
+def test_registered_pyfunc_loads_by_alias_and_matches_the_in_process_model(pipeline):
+    import mlflow
+
+    root, cfg = pipeline
+    result = register.run(cfg, Paths(root))
+    receipt = json.loads((root / "reports" / "registered_model.json").read_text())
+    assert receipt["version"] == result.metrics["version"] and receipt["reused"] is False
+    bench = json.loads((root / "metrics" / "bench.json").read_text())
+    assert receipt["variant"] == bench["selected"]["name"]
+
+    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@challenger")
+    images = val_images(root)
+    served = model.predict(pd.DataFrame({"image": [str(p) for p in images]}))
+    assert list(served.columns) == ["image_index", "x1", "y1", "x2", "y2", "score", "class_id", "class_name"]
+    assert len(served) > 0 and set(served["class_name"]) <= set(json.loads(
+        (root / "models" / "train" / "best" / "meta.json").read_text())["names"])
+
+    row = next(v for v in bench["variants"] if v["name"] == receipt["variant"])
+    config = ServingConfig(row["runtime"], row["mode"], row["dtype"], row["imgsz"], ["a"] * 100, conf=0.0)
+    local = Detector(root / row["artifact"], config).detect(images)
+    expected = np.concatenate([np.c_[np.full(len(d), i), d] for i, d in enumerate(local)])
+    got = served[["image_index", "x1", "y1", "x2", "y2", "score", "class_id"]].to_numpy()
+    assert got.shape == expected.shape and np.allclose(got, expected, atol=1e-3)
+
+    # a base64-encoded image file (what a REST client sends) gives the same detections as its path
+    encoded = base64.b64encode(images[0].read_bytes()).decode()
+    from_bytes = model.predict(pd.DataFrame({"image": [encoded]}))
+    (alone,) = Detector(root / row["artifact"], config).detect(images[:1])
+    assert np.allclose(from_bytes[["x1", "y1", "x2", "y2", "score"]].to_numpy(), alone[:, :5], atol=1e-3)
+
+    version = mlflow.MlflowClient().get_model_version_by_alias(NAME, "challenger")
+    for key in ("git_commit", "git_dirty", "params_hash", "pipeline_run_id", "variant", "device", "fps_b1",
+                "map50_95", "map50", "throughput", "bench_environment", "content_hash"):
+        assert version.tags.get(key), key
+    assert float(version.tags["fps_b1"]) == row["fps_b1"] and version.tags["variant"] == row["name"]
+
+
+def test_registering_the_same_content_again_reuses_the_version(pipeline):
+    from mlflow import MlflowClient
+
+    root, cfg = pipeline
+    before = MlflowClient(cfg.mlflow.tracking_uri).search_model_versions(f"name = '{NAME}'")
+    again = register.run(cfg, Paths(root))
+    after = MlflowClient(cfg.mlflow.tracking_uri).search_model_versions(f"name = '{NAME}'")
+    assert again.metrics["reused"] == 1 and len(after) == len(before)
+
+
+def test_gates_on_hand_made_tags():
+    gates = GatesConfig(map_tolerance=0.01, min_fps_gain=0.1, min_map50_95=0.3, min_fps_b1=10)
+    champion = {"map50_95": "0.50", "fps_b1": "100", "bench_device_name": "cpu x2"}
+    ok = {"map50_95": "0.495", "fps_b1": "111", "bench_device_name": "cpu x2"}
+    assert all(g.passed for g in check_gates(ok, champion, gates))
+    worse = ok | {"map50_95": "0.48"}
+    assert [g.name for g in check_gates(worse, champion, gates) if not g.passed] == ["mAP50-95 vs champion"]
+    slower = ok | {"fps_b1": "105"}
+    assert [g.name for g in check_gates(slower, champion, gates) if not g.passed] == ["FPS vs champion"]
+    other_device = ok | {"bench_device_name": "NVIDIA H200"}
+    assert [g.name for g in check_gates(other_device, champion, gates) if not g.passed] == ["FPS vs champion"]
+    assert [g.name for g in check_gates(ok | {"map50_95": "0.2"}, None, gates) if not g.passed] == ["mAP50-95 floor"]
+
+
+def test_promotion_follows_the_gates_and_keeps_history(pipeline):
+    root, cfg = pipeline
+    first = register.run(cfg, Paths(root)).metrics["version"]
+    strict = GatesConfig(min_map50_95=1.0)  # no model reaches mAP 1.0
+    refused = promote(cfg.mlflow, NAME, strict, version=first, user="test", retries=1)
+    assert not refused.moved and not refused.passed and "FAIL" in refused.table()
+    dry = promote(cfg.mlflow, NAME, GatesConfig(), version=first, dry_run=True, user="test", retries=1)
+    assert dry.passed and not dry.moved
+    moved = promote(cfg.mlflow, NAME, GatesConfig(), version=first, user="test", reason="first champion", retries=1)
+    assert moved.moved and moved.champion is None
+
+    # a second version: the INT8 model (served through onnxruntime inside the same pyfunc interface), or the
+    # torch baseline when INT8 is the bench's choice and so already version 1
+    bench = json.loads((root / "metrics" / "bench.json").read_text())
+    other = "quantize/onnxruntime-int8" if bench["selected"]["name"] != "quantize/onnxruntime-int8" else \
+        "train/eager-fp32"
+    second = register.run(with_register(cfg, variant=other), Paths(root)).metrics["version"]
+    assert second == first + 1
+    impossible = GatesConfig(min_fps_gain=1000.0)  # would need 1001x the champion's FPS
+    assert not promote(cfg.mlflow, NAME, impossible, alias="challenger", user="test", retries=1).moved
+    forced = promote(cfg.mlflow, NAME, impossible, alias="challenger", force=True, reason="INT8 for the edge box",
+                     user="test", retries=1)
+    assert forced.moved and forced.forced and forced.champion == first
+    history = champion_history(cfg.mlflow, NAME)
+    assert [(h["version"], h["previous"], h["forced"]) for h in history] == [(first, None, False),
+                                                                            (second, first, True)]
+    assert history[1]["reason"] == "INT8 for the edge box"
+
+    import mlflow
+
+    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    served = mlflow.pyfunc.load_model(f"models:/{NAME}@champion").predict(
+        pd.DataFrame({"image": [str(p) for p in val_images(root)]}))
+    assert len(served) > 0
+
+
+def test_cli_refuses_force_without_a_reason(pipeline, tmp_path):
+    from yolofps import cli
+
+    assert cli.main(["promote", "--force", "--params", str(PROJECT_ROOT / "params.yaml")]) == 2
+
+
+def test_unknown_variant_is_a_named_error(pipeline):
+    root, cfg = pipeline
+    with pytest.raises(YolofpsError, match="not in metrics/bench.json"):
+        register.run(with_register(cfg, variant="nope/eager-fp32"), Paths(root))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_against_a_real_server_then_an_outage(pipeline, tmp_path):
+    """Register through `mlflow server`; with the server stopped, retries end in a clear error, files intact."""
+    root, cfg = pipeline
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"], env=tool_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
+                time.sleep(0.5)
+        remote = dataclasses.replace(cfg, mlflow=dataclasses.replace(cfg.mlflow, tracking_uri=uri))
+        result = register.run(remote, Paths(root))
+        import mlflow
+
+        mlflow.set_tracking_uri(uri)
+        served = mlflow.pyfunc.load_model(f"models:/{NAME}@challenger").predict(
+            pd.DataFrame({"image": [str(val_images(root)[0])]}))
+        assert result.metrics["version"] == 1 and "x1" in served.columns
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    receipt = (root / "reports" / "registered_model.json").read_text()
+    outage = with_register(remote, variant="train/trace-fp32", retries=2, backoff_s=0.1)
+    start = time.monotonic()
+    with pytest.raises(RegistryError, match="failed after 2 attempts") as err:
+        register.run(outage, Paths(root))
+    assert "intact" in str(err.value) and time.monotonic() - start < 120
+    assert (root / "reports" / "registered_model.json").read_text() == receipt  # nothing already produced is lost
+    assert (root / "metrics" / "bench.json").is_file() and any((root / "models" / "bench").iterdir())
