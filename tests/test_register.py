@@ -6,6 +6,9 @@ import base64
 import dataclasses
 import importlib
 import json
+import os
+import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -177,14 +180,7 @@ def test_against_a_real_server_then_an_outage(pipeline, tmp_path):
          "--workers", "1"], env=tool_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     uri = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                urllib.request.urlopen(f"{uri}/health", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
-                time.sleep(0.5)
+        _wait_for(f"{uri}/health", server)
         remote = dataclasses.replace(cfg, mlflow=dataclasses.replace(cfg.mlflow, tracking_uri=uri))
         result = register.run(remote, Paths(root))
         import mlflow
@@ -204,3 +200,66 @@ def test_against_a_real_server_then_an_outage(pipeline, tmp_path):
     assert "intact" in str(err.value) and time.monotonic() - start < 120
     assert (root / "reports" / "registered_model.json").read_text() == receipt  # nothing already produced is lost
     assert (root / "metrics" / "bench.json").is_file() and any((root / "models" / "bench").iterdir())
+
+
+def _chromium() -> tuple[str, str] | None:
+    found = shutil.which("chromium"), shutil.which("chromedriver")
+    return found if all(found) else None
+
+
+def test_mlflow_ui_shows_the_version_and_its_alias_in_a_real_browser(pipeline, tmp_path):
+    """`yolofps ui` over the store; headless Chromium opens the version page and sees the @challenger alias."""
+    if _chromium() is None:
+        if os.environ.get("YOLOFPS_REQUIRE_BROWSER"):
+            pytest.fail("chromium/chromedriver not installed (.ci/run installs Debian's chromium chromium-driver)")
+        pytest.skip("chromium/chromedriver not installed (apt-get install chromium chromium-driver)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.options import Options
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    root, cfg = pipeline
+    version = register.run(cfg, Paths(root)).metrics["version"]
+    params = tmp_path / "params.yaml"
+    params.write_text((PROJECT_ROOT / "params.yaml").read_text().replace(
+        "tracking_uri: sqlite:///mlflow.db", f"tracking_uri: {cfg.mlflow.tracking_uri}"))
+    port = _free_port()
+    ui = subprocess.Popen([sys.executable, "-m", "yolofps.cli", "ui", "--port", str(port), "--params", str(params)],
+                          env=tool_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    chromium, chromedriver = _chromium()
+    options = Options()
+    options.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1400,1000", f"--user-data-dir={tmp_path / 'chromium'}"):
+        options.add_argument(flag)
+    browser = None
+    try:
+        _wait_for(f"http://127.0.0.1:{port}/health", ui)
+        browser = webdriver.Chrome(service=Service(chromedriver), options=options)
+        browser.get(f"http://127.0.0.1:{port}/#/models/{NAME}")
+        WebDriverWait(browser, 60).until(lambda b: f"Version {version}" in b.find_element(By.TAG_NAME, "body").text)
+        browser.find_element(By.LINK_TEXT, f"Version {version}").click()  # the click a user makes
+        WebDriverWait(browser, 60).until(lambda b: "challenger" in b.find_element(By.TAG_NAME, "body").text)
+        text = browser.find_element(By.TAG_NAME, "body").text
+        artifacts = PROJECT_ROOT / ".test-artifacts"
+        artifacts.mkdir(exist_ok=True)
+        browser.save_screenshot(str(artifacts / "mlflow_ui_model_version.png"))
+        assert f"Version {version}" in text and "Aliases" in text and "fps_b1" in text
+    finally:
+        if browser is not None:
+            browser.quit()
+        os.killpg(ui.pid, signal.SIGTERM)  # the UI and the workers it started
+        ui.wait(timeout=30)
+
+
+def _wait_for(url: str, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            assert process.poll() is None and time.monotonic() < deadline, f"{url} did not come up"
+            time.sleep(0.5)
