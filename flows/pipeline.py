@@ -19,7 +19,7 @@ from prefect.runtime import flow_run
 
 from tasks.dvc import apply_overrides, run_stage, stage_order
 from yolofps.config import load_config
-from yolofps.lineage import PARENT_RUN_ENV, PIPELINE_RUN_ENV
+from yolofps.lineage import PARENT_RUN_ENV, PIPELINE_RUN_ENV, PREFECT_FLOW_RUN_ENV
 from yolofps.registry import pipeline_parent_run
 
 
@@ -37,7 +37,7 @@ def pipeline(overrides: dict[str, Any] | None = None, project_dir: str = ".") ->
     cfg = load_config(root / "params.yaml")
     tags = {"pipeline_run_id": run_id, "prefect_flow_run_id": run_id, "overrides": str(overrides or {})}
     with pipeline_parent_run(cfg.mlflow, root, name=f"pipeline-{flow_run.name or run_id[:8]}", tags=tags) as parent:
-        env = {PIPELINE_RUN_ENV: run_id} | ({PARENT_RUN_ENV: parent} if parent else {})
+        env = {PIPELINE_RUN_ENV: run_id, PREFECT_FLOW_RUN_ENV: run_id} | ({PARENT_RUN_ENV: parent} if parent else {})
         return {stage: run_stage(stage, str(root), env) for stage in order}
 
 

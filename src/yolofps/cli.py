@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
@@ -95,7 +96,7 @@ def _ui(args: argparse.Namespace) -> int:
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", cfg.mlflow.tracking_uri,
                "--host", "127.0.0.1", "--port", str(args.port)]
     print(f"MLflow UI on http://127.0.0.1:{args.port} (Ctrl-C stops it)", flush=True)
-    return subprocess.call(command)
+    return subprocess.call(command, env=os.environ | {"MLFLOW_DISABLE_TELEMETRY": "true"})  # offline by design
 
 
 def _run_stage(args: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ import yaml
 # around `dvc repro` too. Unset, each stage run gets its own id.
 PIPELINE_RUN_ENV = "YOLOFPS_PIPELINE_RUN_ID"
 PARENT_RUN_ENV = "YOLOFPS_MLFLOW_PARENT_RUN_ID"
+PREFECT_FLOW_RUN_ENV = "YOLOFPS_PREFECT_FLOW_RUN_ID"  # set by the Prefect flow only
 
 
 def params_hash(section: Any) -> str:
@@ -57,6 +58,8 @@ def pipeline_run_id() -> str:
 def lineage_tags(root: Path, stage: str, section: Any) -> dict[str, str]:
     """All lineage tags for a stage run."""
     tags = {"stage": stage, "pipeline_run_id": pipeline_run_id(), "params_hash": params_hash(section)}
+    if os.environ.get(PREFECT_FLOW_RUN_ENV):
+        tags["prefect_flow_run_id"] = os.environ[PREFECT_FLOW_RUN_ENV]
     tags |= git_state(root)
     tags |= dvc_input_hashes(root, stage)
     return tags
