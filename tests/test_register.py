@@ -152,6 +152,18 @@ def test_promotion_follows_the_gates_and_keeps_history(pipeline):
     assert len(served) > 0
 
 
+def test_auto_promote_runs_the_same_gates_in_the_stage(pipeline):
+    root, cfg = pipeline
+    lenient = dataclasses.replace(cfg.register.gates, map_tolerance=1.0, min_fps_gain=-1.0)
+    cfg = with_register(cfg, variant="train/trace-fp32", auto_promote=True, gates=lenient)
+    result = register.run(cfg, Paths(root))
+    assert result.metrics["promoted"] == 1
+    assert champion_history(cfg.mlflow, NAME)[-1] == champion_history(cfg.mlflow, NAME)[-1] | {
+        "version": result.metrics["version"], "by": "register stage", "reason": "register.auto_promote"}
+    refused = with_register(cfg, variant="train/onnxruntime-fp32", gates=GatesConfig(min_map50_95=1.0))
+    assert register.run(refused, Paths(root)).metrics["promoted"] == 0
+
+
 def test_cli_refuses_force_without_a_reason(pipeline, tmp_path):
     from yolofps import cli
 
