@@ -117,6 +117,16 @@ class CudaGraphDetector:
         return static_out.float()
 
 
+def _compile_every_variant() -> None:
+    """Dynamo keys its cache on the code object (YOLOv5.forward), shared by every model of the benchmark: with the
+    default limit of 8 graphs, the later models silently fell back to eager while labelled `compile`. Allow enough
+    graphs, and make hitting the limit an error (a failed row) instead of a silent fallback."""
+    import torch._dynamo.config as dynamo_config
+
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+    dynamo_config.fail_on_recompile_limit_hit = True
+
+
 def build(variant: Variant, model: YOLOv5 | None, info: dev.DeviceInfo, imgsz: int, *, onnx_path: Path | None,
           threads: int | None) -> Any:
     """A detector callable for `variant`: `model` is the eval-mode torch model (None for an ONNX-only model)."""
@@ -138,6 +148,7 @@ def build(variant: Variant, model: YOLOv5 | None, info: dev.DeviceInfo, imgsz: i
         with torch.no_grad():
             net = torch.jit.freeze(torch.jit.trace(net, example, check_trace=False))
     elif variant.mode == "compile":
+        _compile_every_variant()
         net = torch.compile(net)
     elif variant.mode == "cudagraph":
         return TorchDetector(CudaGraphDetector(net, info), torch.float16, channels_last=True)
