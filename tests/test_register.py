@@ -96,10 +96,23 @@ def test_registering_the_same_content_again_reuses_the_version(pipeline):
     from mlflow import MlflowClient
 
     root, cfg = pipeline
-    before = MlflowClient(cfg.mlflow.tracking_uri).search_model_versions(f"name = '{NAME}'")
-    again = register.run(cfg, Paths(root))
-    after = MlflowClient(cfg.mlflow.tracking_uri).search_model_versions(f"name = '{NAME}'")
+    client = MlflowClient(cfg.mlflow.tracking_uri)
+    before = client.search_model_versions(f"name = '{NAME}'")
+    # a new benchmark of the same model content: no new version, the figures on the version are the new ones
+    bench_json = root / "metrics" / "bench.json"
+    original = bench_json.read_text()
+    bench = json.loads(original)
+    row = next(v for v in bench["variants"] if v["name"] == bench["selected"]["name"])
+    row["fps_b1"] = round(row["fps_b1"] * 1.5, 2)
+    bench_json.write_text(json.dumps(bench))
+    try:
+        again = register.run(cfg, Paths(root))
+    finally:
+        bench_json.write_text(original)
+    after = client.search_model_versions(f"name = '{NAME}'")
     assert again.metrics["reused"] == 1 and len(after) == len(before)
+    version = client.get_model_version(NAME, str(again.metrics["version"]))
+    assert float(version.tags["fps_b1"]) == row["fps_b1"] and version.tags["stage"] == "register"
 
 
 def test_gates_on_hand_made_tags():

@@ -212,10 +212,12 @@ def _quiet_http_retries() -> None:
 
 def register_model(cfg: MLflowConfig, model_name: str, *, content_hash: str, log_model: dict[str, Any],
                    version_tags: dict[str, str], run_tags: dict[str, str], run_metrics: dict[str, float],
-                   run_artifacts: list[tuple[Path, str]], retries: int, backoff_s: float) -> Registration:
+                   run_artifacts: list[tuple[Path, str]], retries: int, backoff_s: float,
+                   refresh: tuple[str, ...] = ()) -> Registration:
     """Log the pyfunc (models-from-code), register it as a new version tagged with lineage, alias @challenger.
 
-    Idempotent: a version whose `content_hash` tag matches is reused (alias moved to it), never duplicated.
+    Idempotent: a version whose `content_hash` tag matches is reused (alias moved to it), never duplicated; its
+    `refresh` tags (the latest benchmark figures) are updated, its lineage tags stay those of its registration.
     `log_model` holds the keyword arguments of mlflow.pyfunc.log_model (python_model, artifacts, ...).
     """
     _quiet_http_retries()
@@ -235,6 +237,9 @@ def register_model(cfg: MLflowConfig, model_name: str, *, content_hash: str, log
         existing = client.search_model_versions(f"name = '{model_name}' and tags.content_hash = '{content_hash}'")
         if existing:
             found = max(existing, key=lambda v: int(v.version))
+            for key in refresh:
+                if key in version_tags:
+                    client.set_model_version_tag(model_name, found.version, key, version_tags[key])
             client.set_registered_model_alias(model_name, CHALLENGER, found.version)
             return Registration(model_name, int(found.version), found.run_id, f"models:/{model_name}/{found.version}",
                                 reused=True)
