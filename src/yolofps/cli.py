@@ -26,7 +26,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "distill": ("yolofps.stages.distill", "distill the baseline into the pruned student, no-KD control (DVC stage)"),
     "quantize": ("yolofps.stages.quantize", "ONNX Runtime fp32 + static INT8 (CPU), fp16/bf16 (CUDA) (DVC stage)"),
     "bench": ("yolofps.stages.bench", "end-to-end FPS + mAP of every variant and mode, pick one (DVC stage)"),
-    "register": ("yolofps.stages.register", "register the chosen variant in MLflow as a pyfunc, @challenger (DVC stage)"),
+    "register": ("yolofps.stages.register", "register the chosen variant as an MLflow pyfunc, @challenger (DVC stage)"),
 }
 
 

@@ -70,7 +70,7 @@ def pipeline_parent_run(cfg: MLflowConfig, root: Path, *, name: str, tags: dict[
 
 
 def log_to_parent_run(cfg: MLflowConfig, path: Path, artifact_path: str) -> None:
-    """Also log a file or folder to the pipeline's parent run (when a flow opened one); best-effort like all tracking."""
+    """Also log a file or folder to the pipeline's parent run (when a flow opened one); best-effort, like tracking."""
     parent = os.environ.get(PARENT_RUN_ENV)
     if not parent or not path.exists():
         return
@@ -257,8 +257,8 @@ def register_model(cfg: MLflowConfig, model_name: str, *, content_hash: str, log
             version = mlflow.register_model(info.model_uri, model_name, tags=version_tags | {
                 "content_hash": content_hash})
         client.set_registered_model_alias(model_name, CHALLENGER, version.version)
-        return Registration(model_name, int(version.version), run.info.run_id, f"models:/{model_name}/{version.version}",
-                            reused=False)
+        return Registration(model_name, int(version.version), run.info.run_id,
+                            f"models:/{model_name}/{version.version}", reused=False)
 
     return with_retries(f"registering {model_name}", attempt, uri=cfg.tracking_uri, retries=retries,
                         backoff_s=backoff_s, then="rerun the stage when the tracking server is back (the same model "
@@ -348,8 +348,9 @@ def promote(cfg: MLflowConfig, model_name: str, gates: GatesConfig, *, version: 
         # history and version tags first, the alias last: a failure in between leaves @champion where it was
         key = f"{HISTORY_PREFIX}{now.strftime('%Y%m%dT%H%M%S.%fZ')}.v{candidate.version}"  # unique per move
         client.set_registered_model_tag(model_name, key, json.dumps(record))
-        for key, value in {"promoted_at": record["at"], "promoted_by": user, "promotion_reason": reason or "gates passed",
-                           "promotion_forced": str(promo.forced).lower()}.items():
+        promotion = {"promoted_at": record["at"], "promoted_by": user, "promotion_reason": reason or "gates passed",
+                     "promotion_forced": str(promo.forced).lower()}
+        for key, value in promotion.items():
             client.set_model_version_tag(model_name, candidate.version, key, value)
         client.set_registered_model_alias(model_name, CHAMPION, candidate.version)
         return dataclasses.replace(promo, moved=True)

@@ -132,6 +132,15 @@ def test_policy_picks_the_fastest_within_the_accuracy_budget():
     assert "front" not in selected
 
 
+def test_variants_tied_on_speed_are_decided_by_accuracy_not_noise():
+    rows = [_row("train/eager-fp32", 20.0, 0.60, baseline=True), _row("prune-0.5/onnxruntime-fp32", 100.0, 0.62),
+            _row("distill/onnxruntime-fp32", 103.0, 0.59), _row("slower/onnxruntime-fp32", 90.0, 0.70)]
+    report.judge_accuracy(rows, 0.015)
+    report.add_speedups(rows)
+    selected = report.select(rows, "fastest_within_drop", 0.015)
+    assert selected["name"] == "prune-0.5/onnxruntime-fp32" and "most accurate of 2" in selected["reason"]
+
+
 def test_pareto_front_ignores_failed_and_dominated_rows():
     rows = hand_made()
     front = report.pareto_front(rows)

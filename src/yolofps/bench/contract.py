@@ -1,4 +1,4 @@
-"""The `metrics/bench.json` contract, as a JSON Schema: the bench stage checks what it writes, readers what they read."""
+"""The `metrics/bench.json` contract as a JSON Schema: the bench stage checks what it writes, readers what they read."""
 
 from __future__ import annotations
 

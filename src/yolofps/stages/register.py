@@ -116,7 +116,8 @@ def run(cfg: Config, paths: Paths = Paths()) -> StageResult:
         print(result.table(), flush=True)
         receipt["promoted"] = result.moved
     write_json(receipt_path(paths), receipt)
-    metrics = {"version": registration.version, "reused": int(registration.reused), "promoted": int(receipt["promoted"]),
+    metrics = {"version": registration.version, "reused": int(registration.reused),
+               "promoted": int(receipt["promoted"]),
                "fps_b1": row["fps_b1"], "map50_95": row["map50_95"]}
     write_json(paths.metrics("register"), metrics)
     return StageResult(outputs={"receipt": receipt_path(paths), "metrics": paths.metrics("register")}, metrics=metrics)
