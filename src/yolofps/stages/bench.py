@@ -73,45 +73,11 @@ def run(cfg: Config, paths: Paths = Paths()) -> StageResult:
     deployment = measure.Deployment(base_meta["imgsz"], b.conf, b.iou, b.max_det)
     eval_train = dataclasses.replace(cfg.train, imgsz=deployment.imgsz, batch=1)  # b1: one traced/compiled shape
     data = job.load_data(cfg, paths, eval_train)
-    val_images = formats.list_images(paths.augmented_data / "images" / "val")
-    check_images = val_images[: b.check_images]
     onnx_dir = fresh_dir(paths.models("bench"))
-    environment = environment_stamp() | {"device": info.kind, "imgsz": deployment.imgsz,
-                                          "batch_sizes": list(b.batch_sizes), "threads": torch.get_num_threads(),
-                                          "deployment": dataclasses.asdict(deployment),
-                                          "evaluation": {"conf": cfg.train.conf, "iou": cfg.train.iou,
-                                                         "max_det": cfg.train.max_det, "images": len(val_images)}}
-    rows: list[dict[str, Any]] = []
-    skipped: list[dict[str, str]] = []
-    live: dict[str, tuple[Any, dev.DeviceInfo]] = {}  # variants that passed the checks, timed side by side below
+    environment = _environment(cfg, info, deployment, paths)
     with TrackingRun(cfg.mlflow, run_name="bench", params={"bench": to_dict(b)},
                      tags=lineage_tags(paths.root, "bench", to_dict(b))) as tracking:
-        for source in source_models(paths):
-            model, _ = checkpoint.load_model(source.torch_folder)
-            model.eval()
-            size = model_info(model, deployment.imgsz)
-            reference = measure.detect(model.to(info.device), check_images, deployment, info)
-            if source.onnx is not None:
-                variants = [Variant(source.name, "onnxruntime", "eager", "int8", "cpu")]
-            else:
-                variants, skipped_here = plan(source.name, b.modes, info)
-                skipped += skipped_here
-            for variant in variants:
-                onnx = source.onnx or onnx_dir / f"{source.name}.onnx"
-                row = _describe(variant, source, size, deployment.imgsz, paths.root, onnx)
-                checked, detector, run_info = check_variant(variant, model, data, eval_train, check_images, reference,
-                                                            deployment, info, b, onnx_path=onnx)
-                row |= checked
-                if row["runtime"] == "onnxruntime" and onnx.is_file():
-                    row["size_mb"] = round(onnx.stat().st_size / 2**20, 3)
-                if source.verdict and source.verdict.get("status") == "rejected" and row["status"] == "ok":
-                    row["status"] = "rejected"
-                    row["reason"] = f"the quantize stage rejected it (mAP50-95 drop {source.verdict.get('map_drop')} " \
-                                    f"vs its fp32 source)"
-                if detector is not None:
-                    live[row["name"]] = (detector, run_info)
-                rows.append(row)
-                _print_row(row)
+        rows, skipped, live = check_all(paths, b, info, deployment, data, eval_train, onnx_dir)
         time_variants(rows, live, data_images(data), deployment, b)
         report.judge_accuracy(rows, b.max_map_drop)
         report.add_speedups(rows)
@@ -120,11 +86,7 @@ def run(cfg: Config, paths: Paths = Paths()) -> StageResult:
                   "summary": _summary(rows, selected)}
         contract.validate(result)  # what the registry and other tools read: never write a broken one
         write_json(paths.metrics("bench"), result)
-        reports = fresh_dir(paths.reports / "bench")
-        table = report.markdown_table(rows, environment, dataclasses.asdict(deployment), selected)
-        report.write_markdown(reports / "bench.md", table)
-        report.pareto_plot(reports / "pareto.png", rows)
-        report.write_csv(paths.plots / "bench.csv", rows)
+        reports, table = write_reports(paths, result, deployment)
         tracking.log_metrics(result["summary"], step=0)
         tracking.set_tags({"selected": str(selected["name"])})
         for artifact in (reports, paths.metrics("bench")):
@@ -133,6 +95,63 @@ def run(cfg: Config, paths: Paths = Paths()) -> StageResult:
     print(table, flush=True)
     return StageResult(outputs={"metrics": paths.metrics("bench"), "reports": reports, "models": onnx_dir},
                        metrics=result["summary"])
+
+
+def _environment(cfg: Config, info: dev.DeviceInfo, deployment: measure.Deployment, paths: Paths) -> dict[str, Any]:
+    """The environment stamp plus what every figure of this run shares: device, size, batches, NMS and eval settings."""
+    val_images = formats.list_images(paths.augmented_data / "images" / "val")
+    return environment_stamp() | {"device": info.kind, "imgsz": deployment.imgsz,
+                                  "batch_sizes": list(cfg.bench.batch_sizes), "threads": torch.get_num_threads(),
+                                  "deployment": dataclasses.asdict(deployment),
+                                  "evaluation": {"conf": cfg.train.conf, "iou": cfg.train.iou,
+                                                 "max_det": cfg.train.max_det, "images": len(val_images)}}
+
+
+def check_all(paths: Paths, b: BenchConfig, info: dev.DeviceInfo, deployment: measure.Deployment, data: job.Data,
+              eval_train, onnx_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, str]], dict[str, Any]]:
+    """Build, check and score every model × mode: the rows, the skipped modes, and the live detectors to time."""
+    check_images = formats.list_images(paths.augmented_data / "images" / "val")[: b.check_images]
+    rows: list[dict[str, Any]] = []
+    skipped: list[dict[str, str]] = []
+    live: dict[str, tuple[Any, dev.DeviceInfo]] = {}  # variants that passed the checks, timed side by side later
+    for source in source_models(paths):
+        model, _ = checkpoint.load_model(source.torch_folder)
+        model.eval()
+        size = model_info(model, deployment.imgsz)
+        reference = measure.detect(model.to(info.device), check_images, deployment, info)
+        if source.onnx is not None:
+            variants = [Variant(source.name, "onnxruntime", "eager", "int8", "cpu")]
+        else:
+            variants, skipped_here = plan(source.name, b.modes, info)
+            skipped += skipped_here
+        for variant in variants:
+            onnx = source.onnx or onnx_dir / f"{source.name}.onnx"
+            row = _describe(variant, source, size, deployment.imgsz, paths.root, onnx)
+            checked, detector, run_info = check_variant(variant, model, data, eval_train, check_images, reference,
+                                                        deployment, info, b, onnx_path=onnx)
+            row |= checked
+            if row["runtime"] == "onnxruntime" and onnx.is_file():
+                row["size_mb"] = round(onnx.stat().st_size / 2**20, 3)
+            if source.verdict and source.verdict.get("status") == "rejected" and row["status"] == "ok":
+                row["status"] = "rejected"
+                row["reason"] = f"the quantize stage rejected it (mAP50-95 drop {source.verdict.get('map_drop')} " \
+                                f"vs its fp32 source)"
+            if detector is not None:
+                live[row["name"]] = (detector, run_info)
+            rows.append(row)
+            _print_row(row)
+    return rows, skipped, live
+
+
+def write_reports(paths: Paths, result: dict[str, Any], deployment: measure.Deployment) -> tuple[Path, str]:
+    """reports/bench/ (markdown table, Pareto plot) and plots/bench.csv; returns the folder and the table."""
+    rows, selected = result["variants"], result["selected"]
+    reports = fresh_dir(paths.reports / "bench")
+    table = report.markdown_table(rows, result["environment"], dataclasses.asdict(deployment), selected)
+    report.write_markdown(reports / "bench.md", table)
+    report.pareto_plot(reports / "pareto.png", rows)
+    report.write_csv(paths.plots / "bench.csv", rows)
+    return reports, table
 
 
 def check_variant(variant: Variant, model: YOLOv5, data: job.Data, eval_train, check_images: list[Path],

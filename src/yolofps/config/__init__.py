@@ -1,0 +1,61 @@
+"""Typed, frozen configuration loaded from params.yaml, one dataclass per section.
+
+Unknown keys and wrong types are errors that name the key, the file and the accepted keys, so a typo in
+params.yaml fails before any work starts. `-S key=value` overrides use the syntax of `dvc exp run -S`
+(the value is parsed as YAML). The sections live in `training`, `optimization` and `delivery`; the generic
+reading machinery in `loader`; this module holds the whole-file `Config` and `load_config`.
+"""
+
+from __future__ import annotations
+
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from yolofps.config.common import TransformSpec, _check
+from yolofps.config.delivery import BENCH_MODES, BenchConfig, GatesConfig, MLflowConfig, RegisterConfig
+from yolofps.config.loader import from_dict, normalize_overrides, parse_override, read_params, set_dotted, to_dict
+from yolofps.config.optimization import DistillConfig, PruneConfig, QuantizeConfig
+from yolofps.config.training import DEFAULT_TRANSFORMS, AugmentConfig, DataConfig, TrainConfig
+from yolofps.errors import ConfigError
+
+__all__ = ["BENCH_MODES", "DEFAULT_TRANSFORMS", "AugmentConfig", "BenchConfig", "Config", "ConfigError", "DataConfig",
+           "DistillConfig", "GatesConfig", "MLflowConfig", "PruneConfig", "QuantizeConfig", "RegisterConfig",
+           "TrainConfig", "TransformSpec", "from_dict", "load_config", "normalize_overrides", "parse_override",
+           "read_params", "to_dict"]
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole params.yaml."""
+
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda", "xla"] = "auto"
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    register: RegisterConfig = field(default_factory=RegisterConfig)
+    mlflow: MLflowConfig = field(default_factory=MLflowConfig)
+
+    def __post_init__(self) -> None:
+        if self.distill.student == "pruned":
+            _check(self.distill.ratio in self.prune.ratios,
+                   f"distill.ratio {self.distill.ratio} must be one of prune.ratios {list(self.prune.ratios)}")
+
+
+def load_config(path: str | Path = "params.yaml",
+                overrides: typing.Sequence[str] | typing.Mapping[str, Any] = ()) -> Config:
+    """Load params.yaml, apply overrides, and return a validated frozen Config.
+
+    Overrides are `key=value` strings (values parsed as YAML, as `dvc exp run -S`) or a {dotted key: value} dict.
+    """
+    path = Path(path)
+    raw = read_params(path)
+    for key, value in normalize_overrides(overrides).items():
+        set_dotted(raw, key, value, source=str(path), schema=Config)
+    return from_dict(Config, raw, source=str(path))

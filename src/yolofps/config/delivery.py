@@ -1,0 +1,88 @@
+"""params sections of measuring and shipping a model: `bench`, `register` (with its gates), `mlflow`."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+from yolofps.config.common import _check
+
+
+BENCH_MODES = ("eager", "channels_last", "trace", "compile", "onnxruntime", "fp16", "bf16", "cudagraph")
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """`bench` section: end-to-end latency, throughput and mAP of every variant, and the selection policy."""
+
+    modes: tuple[str, ...] = ("eager", "channels_last", "trace", "compile", "onnxruntime", "fp16", "cudagraph")
+    batch_sizes: tuple[int, ...] = (1, 8)  # throughput (img/s, end to end) at each
+    warmup: int = 5
+    runs: int = 50  # timed batch-1 runs per variant (p50/p95/p99)
+    throughput_runs: int = 5  # timed batches per batch size
+    threads: int = 0  # CPU threads for torch and onnxruntime; 0 = all cores
+    conf: float = 0.25  # deployment post-processing settings (the timed NMS)
+    iou: float = 0.45
+    max_det: int = 300
+    check_images: int = 8  # val images whose detections each variant must reproduce from its source model
+    min_agreement: float = 0.95  # matched detections vs the source model (F1 at IoU 0.5); float variants
+    min_agreement_int8: float = 0.6  # INT8 is judged by mAP; this only catches a broken model
+    policy: Literal["fastest_within_drop", "pareto"] = "fastest_within_drop"
+    max_map_drop: float = 0.015  # mAP50-95 a selectable variant may lose against the baseline
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.modes) - set(BENCH_MODES))
+        _check(not unknown, f"bench.modes: unknown {unknown}; choose from {list(BENCH_MODES)}")
+        _check("eager" in self.modes, "bench.modes must include eager: the baseline is the model in fp32 eager")
+        _check(len(self.batch_sizes) >= 1 and all(b >= 1 for b in self.batch_sizes), "bench.batch_sizes must be >= 1")
+        _check(self.warmup >= 0 and self.runs >= 3 and self.throughput_runs >= 1,
+               "bench.warmup >= 0, bench.runs >= 3 and bench.throughput_runs >= 1")
+        _check(self.threads >= 0 and self.max_det >= 1 and self.check_images >= 1,
+               "bench.threads >= 0, bench.max_det >= 1 and bench.check_images >= 1")
+        _check(0 <= self.conf < 1 and 0 < self.iou <= 1, "bench.conf must be in [0, 1) and bench.iou in (0, 1]")
+        _check(0 <= self.min_agreement <= 1 and 0 <= self.min_agreement_int8 <= 1,
+               "bench.min_agreement and bench.min_agreement_int8 must be in [0, 1]")
+        _check(0 <= self.max_map_drop <= 1, "bench.max_map_drop must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class GatesConfig:
+    """`register.gates`: what a challenger must show against the current champion to be promoted."""
+
+    map_tolerance: float = 0.005  # challenger mAP50-95 >= champion's - this
+    min_fps_gain: float = 0.0  # challenger fps_b1 >= champion's x (1 + this), compared on the same device only
+    min_map50_95: float = 0.0  # absolute floors, champion or not
+    min_fps_b1: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.map_tolerance <= 1 and 0 <= self.min_map50_95 <= 1,
+               "register.gates.map_tolerance and register.gates.min_map50_95 must be in [0, 1]")
+        _check(self.min_fps_gain >= -1 and self.min_fps_b1 >= 0,
+               "register.gates.min_fps_gain must be >= -1 and register.gates.min_fps_b1 >= 0")
+
+
+@dataclass(frozen=True)
+class RegisterConfig:
+    """`register` section: the MLflow registered model, its aliases and the promotion gates."""
+
+    model_name: str = "yolofps-detector"
+    variant: str = "selected"  # "selected" (the bench stage's choice) or a variant name from metrics/bench.json
+    auto_promote: bool = False  # run the gates after registering and move @champion when they pass
+    retries: int = 3  # attempts at the tracking server before a clear error
+    backoff_s: float = 2.0  # wait before retry n: backoff_s * 2**(n-1)
+    gates: GatesConfig = field(default_factory=GatesConfig)
+
+    def __post_init__(self) -> None:
+        _check(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.model_name)),
+               "register.model_name must be letters, digits, '_', '.' or '-'")
+        _check(self.retries >= 1 and self.backoff_s >= 0, "register.retries >= 1 and register.backoff_s >= 0")
+
+
+@dataclass(frozen=True)
+class MLflowConfig:
+    """`mlflow` section: where runs are tracked (an embedded SQLite store by default, no server)."""
+
+    tracking_uri: str = "sqlite:///mlflow.db"
+    experiment: str = "yolofps"
+    system_metrics: bool = True  # CPU/GPU/memory sampled by MLflow in the background

@@ -1,0 +1,58 @@
+"""params sections of the optimization stages: `prune`, `distill`, `quantize`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from yolofps.config.common import _check
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """`prune` section: structured channel pruning (torch-pruning DepGraph) + fine-tuning per ratio."""
+
+    ratios: tuple[float, ...] = (0.3, 0.5)
+    importance: Literal["l2", "group_norm"] = "l2"
+    round_to: int = 8  # pruned widths stay multiples of this (SIMD / tensor-core friendly)
+    iterative_steps: int = 1
+    finetune_epochs: int = 10  # with the train section's hyperparameters (warm-up capped at 1 epoch)
+
+    def __post_init__(self) -> None:
+        _check(len(self.ratios) >= 1 and all(0 < r < 1 for r in self.ratios), "prune.ratios must be in (0, 1)")
+        _check(len(set(self.ratios)) == len(self.ratios), "prune.ratios must not repeat")
+        _check(self.round_to >= 1 and self.iterative_steps >= 1, "prune.round_to and prune.iterative_steps >= 1")
+        _check(self.finetune_epochs >= 1, "prune.finetune_epochs must be >= 1")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """`distill` section: teacher = the trained baseline; student = a pruned copy (or a preset) trained with KD."""
+
+    student: str = "pruned"  # "pruned" (the baseline pruned at `ratio`) or a preset name: n | s | tiny ...
+    ratio: float = 0.5  # prune ratio of the student; must be one of prune.ratios for the no-KD comparison
+    epochs: int = 10  # equal to prune.finetune_epochs makes the KD vs no-KD comparison fair
+    weight: float = 1.0  # distillation loss weight
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check(0 < self.ratio < 1, "distill.ratio must be in (0, 1)")
+        _check(self.epochs >= 1 and self.weight >= 0 and self.temperature > 0,
+               "distill.epochs >= 1, distill.weight >= 0 and distill.temperature > 0")
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    """`quantize` section: ONNX Runtime fp32 and static INT8 (CPU); fp16/bf16 variants on CUDA."""
+
+    source: str = "distill"  # which model to quantize: distill | train | prune-<ratio>
+    calibration_images: int = 64  # train images used to calibrate INT8 activation ranges
+    per_channel: bool = True
+    keep_head_float: bool = True  # the Detect decode math stays float (quantizing it destroys mAP)
+    max_map_drop: float = 0.015  # INT8 losing more mAP50-95 than this vs its fp32 source is rejected
+    opset: int = 17
+
+    def __post_init__(self) -> None:
+        _check(self.calibration_images >= 1, "quantize.calibration_images must be >= 1")
+        _check(0 <= self.max_map_drop <= 1, "quantize.max_map_drop must be in [0, 1]")
+        _check(self.opset >= 17, "quantize.opset must be >= 17")
