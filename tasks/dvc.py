@@ -1,4 +1,10 @@
-"""Prefect tasks that drive DVC: the stage order from DVC's graph, one `dvc repro --single-item` per stage."""
+"""Prefect tasks that drive DVC: the stage order from DVC's graph, one `dvc repro --single-item` per stage,
+and `dvc pull` / `dvc push` against the configured remote.
+
+Retries are for I/O only. A stage is retried when its failure is transient (DVC's workspace lock held by another
+DVC process, or a stage that exited with EX_TEMPFAIL because a service was down), never for its own errors:
+training twice on a bug only doubles the wait for the same message.
+"""
 
 from __future__ import annotations
 
@@ -6,19 +12,63 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import networkx as nx
 from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
 
-from yolofps.config import load_config, normalize_overrides
+from yolofps.config import PrefectConfig, load_config, normalize_overrides
+from yolofps.errors import EXIT_TEMPFAIL
 from yolofps.fileio import write_text
+
+LOCK_BUSY = "Unable to acquire lock"  # DVC's message when another DVC process holds the workspace
 
 
 class StageFailed(RuntimeError):
     """A DVC stage exited non-zero; the message starts with the stage's own error lines."""
+
+    def __init__(self, message: str, *, transient: bool = False) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+class DvcCommandFailed(RuntimeError):
+    """`dvc pull` / `dvc push` failed; the message has DVC's own error lines and what to do."""
+
+    def __init__(self, message: str, *, transient: bool = True) -> None:
+        super().__init__(message)
+        self.transient = transient
+
+
+@dataclass(frozen=True)
+class Output:
+    """What a DVC command printed (its last lines) and how it ended."""
+
+    code: int
+    lines: list[str]
+    seconds: float
+
+    def errors(self) -> str:
+        found = [line for line in self.lines if "error" in line.lower()] or self.lines[-5:]
+        return " | ".join(found)
+
+
+def retry_transient(task, task_run, state) -> bool:
+    """Prefect retry condition: retry only failures marked transient (lock busy, service down)."""
+    error = state.result(raise_on_failure=False)
+    return bool(getattr(error, "transient", False))
+
+
+def io_retries(cfg: PrefectConfig) -> dict[str, Any]:
+    """Task options for I/O: `prefect.retries` retries, waits doubling from `prefect.retry_delay_s`."""
+    delays = exponential_backoff(backoff_factor=cfg.retry_delay_s)(cfg.retries) if cfg.retries else 0
+    return {"retries": cfg.retries, "retry_delay_seconds": delays, "retry_jitter_factor": 0.2}
 
 
 def stage_order(project_dir: Path) -> list[str]:
@@ -32,13 +82,23 @@ def stage_order(project_dir: Path) -> list[str]:
         return [names[stage] for stage in ordered]
 
 
+def accelerator_stages(project_dir: Path) -> set[str]:
+    """Stages that run on the configured device: those that declare the `device` param in dvc.yaml."""
+    import yaml
+
+    stages = yaml.safe_load((project_dir / "dvc.yaml").read_text())["stages"]
+    return {name for name, stage in stages.items() if "device" in stage.get("params", [])}
+
+
 def apply_overrides(params_path: Path, overrides: dict[str, Any]) -> None:
     """Write overrides into params.yaml as `dvc exp run -S` does, keeping comments; validated first."""
+    from io import StringIO
+
     from ruamel.yaml import YAML
 
     overrides = normalize_overrides(overrides)
     load_config(params_path, overrides)  # an unknown key or wrong type fails here, before anything is written
-    yaml = YAML()  # round-trip mode preserves comments and key order
+    yaml = YAML()  # round-trip mode (a safe loader) preserves comments and key order
     doc = yaml.load(params_path.read_text())
     for key, value in overrides.items():
         *parents, leaf = key.split(".")
@@ -46,8 +106,6 @@ def apply_overrides(params_path: Path, overrides: dict[str, Any]) -> None:
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = value
-    from io import StringIO
-
     buffer = StringIO()
     yaml.dump(doc, buffer)
     write_text(params_path, buffer.getvalue())
@@ -60,15 +118,11 @@ def _dvc_env(extra: dict[str, str]) -> dict[str, str]:
     return env
 
 
-@task(name="dvc-repro", task_run_name="dvc repro {stage}")
-def run_stage(stage: str, project_dir: str, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Run one DVC stage (`dvc repro --single-item`), stream its output into the log, return its metrics.
-
-    `env` adds variables for the stage (the pipeline run id and MLflow parent run that group one execution).
-    """
-    logger = get_run_logger()
-    command = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
-    tail: deque[str] = deque(maxlen=20)
+def run_dvc(args: list[str], project_dir: str, env: dict[str, str] | None = None, *, log=None) -> Output:
+    """Run `dvc <args>`, streaming each line to `log` (a Prefect logger); keep the last lines."""
+    command = [sys.executable, "-m", "dvc", *args]
+    tail: deque[str] = deque(maxlen=40)
+    start = time.perf_counter()
     with subprocess.Popen(command, cwd=project_dir, env=_dvc_env(env or {}), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, bufsize=1) as process:
         assert process.stdout is not None
@@ -76,10 +130,70 @@ def run_stage(stage: str, project_dir: str, env: dict[str, str] | None = None) -
             line = line.rstrip()
             if line:
                 tail.append(line)
-                logger.info(line)
+                if log is not None:
+                    log.info(line)
         code = process.wait()
-    if code != 0:
-        errors = [line for line in tail if "error" in line.lower()] or list(tail)[-5:]
-        raise StageFailed(f"stage {stage!r} failed (exit {code}): " + " | ".join(errors))
+    return Output(code, list(tail), round(time.perf_counter() - start, 2))
+
+
+@task(name="dvc-repro", task_run_name="dvc repro {stage}", retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
+def run_stage(stage: str, project_dir: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Run one DVC stage (`dvc repro --single-item`), stream its output into the log; return what happened.
+
+    Returns {"stage", "ran" (False when DVC skipped it as unchanged), "seconds", "metrics"}. `env` adds
+    variables for the stage (the pipeline run id and MLflow parent run that group one execution).
+    """
+    out = run_dvc(["repro", "--single-item", stage], project_dir, env, log=get_run_logger())
+    if out.code != 0:
+        transient = out.code == EXIT_TEMPFAIL or any(LOCK_BUSY in line for line in out.lines)
+        hint = " (transient: retried)" if transient else ""
+        raise StageFailed(f"stage {stage!r} failed (exit {out.code}){hint}: {out.errors()}", transient=transient)
     metrics_path = Path(project_dir) / "metrics" / f"{stage}.json"
-    return json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    ran = any(f"Running stage '{stage}'" in line for line in out.lines)
+    return {"stage": stage, "ran": ran, "seconds": out.seconds, "metrics": metrics}
+
+
+def default_remote(project_dir: str) -> str | None:
+    """The name of the default DVC remote (`dvc remote add -d`), or None when none is configured."""
+    out = run_dvc(["remote", "default"], project_dir)
+    name = out.lines[-1].strip() if out.code == 0 and out.lines else ""
+    return name or None
+
+
+def missing_outputs(project_dir: str) -> bool:
+    """True when `dvc status` finds a declared output or dependency deleted from the workspace."""
+    out = run_dvc(["status", "--json"], project_dir)
+    if out.code != 0:
+        return False
+    try:
+        status = json.loads("".join(out.lines))
+    except json.JSONDecodeError:
+        return False
+    return "deleted" in json.dumps(status)
+
+
+def _transfer(verb: str, project_dir: str, extra: list[str]) -> dict[str, Any]:
+    """`dvc pull` or `dvc push`; a missing remote is a permanent error, anything else is retried."""
+    remote = default_remote(project_dir)
+    if remote is None:
+        raise DvcCommandFailed(f"dvc {verb}: no default DVC remote is configured in {project_dir}; add one with "
+                               "`dvc remote add -d storage /path/to/folder` (credentials in .dvc/config.local). "
+                               "Every output stays in the workspace.", transient=False)
+    out = run_dvc([verb, *extra], project_dir, log=get_run_logger())
+    if out.code != 0:
+        raise DvcCommandFailed(f"dvc {verb} to remote {remote!r} failed (exit {out.code}): {out.errors()}. "
+                               "The workspace and its outputs are unchanged.")
+    return {"remote": remote, "seconds": out.seconds, "summary": out.lines[-1] if out.lines else ""}
+
+
+@task(name="dvc-pull", task_run_name="dvc pull", retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
+def dvc_pull(project_dir: str) -> dict[str, Any]:
+    """Fetch the outputs dvc.lock names from the default remote (those it lacks are left to `dvc repro`)."""
+    return _transfer("pull", project_dir, ["--allow-missing"])
+
+
+@task(name="dvc-push", task_run_name="dvc push", retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
+def dvc_push(project_dir: str) -> dict[str, Any]:
+    """Upload every cached output (and the run cache) to the default remote."""
+    return _transfer("push", project_dir, ["--run-cache"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -39,3 +40,18 @@ def run_cmd(args: list[str], cwd: Path, check: bool = True) -> subprocess.Comple
     if check:
         assert result.returncode == 0, f"{args} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
     return result
+
+
+def make_project(root: Path) -> Path:
+    """A copy of the project's pipeline files in a fresh git + DVC repo at `root`, with tiny params."""
+    from tasks.dvc import apply_overrides
+
+    root.mkdir(parents=True)
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
+        shutil.copy(PROJECT_ROOT / name, root / name)
+    shutil.copytree(PROJECT_ROOT / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    run_cmd(["git", "init", "-q"], root)
+    run_cmd([sys.executable, "-m", "dvc", "init", "-q"], root)
+    run_cmd([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], root)
+    apply_overrides(root / "params.yaml", TINY_PARAMS)
+    return root

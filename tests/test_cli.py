@@ -33,3 +33,19 @@ def test_bad_override_and_missing_params(tmp_path):
 def test_stage_module_main_is_the_cli(tmp_path):
     result = run_cmd([sys.executable, "-m", "yolofps.stages.data", "--help"], tmp_path)
     assert "--params" in result.stdout and "-S" in result.stdout
+
+
+def test_unreachable_tracking_server_exits_tempfail_for_the_flow_to_retry(tmp_path):
+    """A service that stays down after the stage's own retries exits 75 (EX_TEMPFAIL), which the flow retries."""
+    import socket
+
+    from yolofps.errors import EXIT_TEMPFAIL
+
+    with socket.socket() as sock:  # a loopback port nothing listens on once the socket closes
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    (tmp_path / "params.yaml").write_text(f"mlflow:\n  tracking_uri: http://127.0.0.1:{port}\n"
+                                          "register:\n  retries: 1\n")
+    result = run_cmd(["yolofps", "promote"], tmp_path, check=False)
+    assert result.returncode == EXIT_TEMPFAIL, result.stderr
+    assert "failed after 1 attempts" in result.stderr and "Traceback" not in result.stderr

@@ -68,21 +68,6 @@ def test_dvc_repro_runs_every_stage_then_nothing(project):
     assert "Running stage 'augment'" in rerun and "Running stage 'data'" not in rerun
 
 
-def test_flow_runs_stages_in_dvc_order_and_leaves_dvc_clean(project, prefect_harness):
-    from flows.pipeline import pipeline
-    from tasks.dvc import stage_order
-
-    assert stage_order(project) == STAGE_ORDER
-    results = pipeline(overrides={"data.num_train": 10}, project_dir=str(project))
-    assert list(results) == STAGE_ORDER
-    assert results["data"]["train_images"] == 10 and results["augment"]["train_images_out"] == 20
-    assert "metrics/mAP50-95B" in results["train"]
-    params = (project / "params.yaml").read_text()
-    assert "num_train: 10" in params and "# yolofps parameters" in params  # comments survive the override
-    assert_up_to_date(project)
-    assert "Running stage" not in dvc(project, "repro").stdout  # a laptop repro after the flow does nothing
-
-
 def test_flow_surfaces_the_stage_error(project, prefect_harness):
     from flows.pipeline import pipeline
     from yolofps.errors import ConfigError

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from yolofps import __version__
-from yolofps.errors import YolofpsError
+from yolofps.errors import EXIT_TEMPFAIL, TransientError, YolofpsError
 
 # stage name -> (module, one-line help). Later stages add themselves here and in dvc.yaml.
 STAGES: dict[str, tuple[str, str]] = {
@@ -133,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"yolofps: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_TEMPFAIL if isinstance(err, TransientError) else 2
     except KeyboardInterrupt:
         print("yolofps: interrupted", file=sys.stderr)
         return 130

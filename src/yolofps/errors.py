@@ -13,3 +13,10 @@ class ConfigError(YolofpsError, ValueError):
 
 class DataSetError(YolofpsError, ValueError):
     """A data set that cannot be used at all (fatal validation problem); the message says what to fix."""
+
+
+class TransientError(YolofpsError):
+    """A failure that a later attempt may not meet (a service down); the CLI exits with EX_TEMPFAIL (75)."""
+
+
+EXIT_TEMPFAIL = 75  # sysexits.h: "temporary failure; the user is invited to retry" (the flow retries these)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from yolofps.config import GatesConfig, MLflowConfig
-from yolofps.errors import YolofpsError
+from yolofps.errors import TransientError, YolofpsError
 from yolofps.lineage import PARENT_RUN_ENV
 
 log = logging.getLogger(__name__)
@@ -44,9 +44,11 @@ def resolve_tracking_uri(uri: str, root: Path) -> str:
 
 
 @contextlib.contextmanager
-def pipeline_parent_run(cfg: MLflowConfig, root: Path, *, name: str, tags: dict[str, str]) -> Iterator[str | None]:
+def pipeline_parent_run(cfg: MLflowConfig, root: Path, *, name: str, tags: dict[str, str],
+                        params: dict[str, Any] | None = None) -> Iterator[str | None]:
     """An MLflow parent run for one pipeline execution; yields its id (None when tracking is unavailable).
 
+    `params` records what the run changed (the flow's params overrides, as `override.<key>`).
     Stage runs started while it is open (in subprocesses, through DVC) nest under it via PARENT_RUN_ENV.
     """
     try:
@@ -56,6 +58,8 @@ def pipeline_parent_run(cfg: MLflowConfig, root: Path, *, name: str, tags: dict[
         experiment = client.get_experiment_by_name(cfg.experiment)
         experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.experiment)
         run_id = client.create_run(experiment_id, run_name=name, tags=tags).info.run_id
+        for key, value in (params or {}).items():
+            client.log_param(run_id, key, str(value)[:6000])
     except Exception as err:
         log.warning("MLflow tracking unavailable at %s (%s); stage runs will not be grouped", cfg.tracking_uri, err)
         yield None
@@ -164,6 +168,10 @@ class RegistryError(YolofpsError):
     """The model registry could not be reached or refused; the message says what is safe to do next."""
 
 
+class RegistryUnavailable(RegistryError, TransientError):
+    """The tracking server stayed unreachable through every retry: a later run may succeed."""
+
+
 @dataclass(frozen=True)
 class Registration:
     """What the register stage did: the version, its run, and whether that content was already registered."""
@@ -193,7 +201,7 @@ def with_retries(what: str, fn: Callable[[], Any], *, uri: str, retries: int, ba
             if str(getattr(err, "error_code", "")) in _PERMANENT:
                 raise RegistryError(f"{what}: {str(err)[:300]} (tracking URI {uri})") from None
             if attempt == retries:
-                raise RegistryError(
+                raise RegistryUnavailable(
                     f"{what} failed after {retries} attempts at {uri}: {type(err).__name__}: {str(err)[:300]}. "
                     f"Every file on disk is intact; {then}") from None
             wait = backoff_s * 2 ** (attempt - 1)
@@ -357,6 +365,52 @@ def promote(cfg: MLflowConfig, model_name: str, gates: GatesConfig, *, version: 
 
     return with_retries(f"promoting {model_name}", attempt, uri=cfg.tracking_uri, retries=retries,
                         backoff_s=backoff_s)
+
+
+def aliases(cfg: MLflowConfig, model_name: str) -> dict[str, int]:
+    """alias -> version of a registered model ({} when the model is not registered yet)."""
+    from mlflow import MlflowClient
+
+    try:
+        model = MlflowClient(tracking_uri=cfg.tracking_uri).get_registered_model(model_name)
+    except Exception as err:
+        if "RESOURCE_DOES_NOT_EXIST" in str(getattr(err, "error_code", "")):
+            return {}
+        raise
+    return {alias: int(version) for alias, version in model.aliases.items()}
+
+
+def load_detector(cfg: MLflowConfig, model_name: str, alias: str, *, retries: int = 3, backoff_s: float = 2.0):
+    """A registered version by alias, loaded the way a caller loads it: (version, tags, serving Detector)."""
+    _quiet_http_retries()
+    import mlflow
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=cfg.tracking_uri)
+
+    def attempt():
+        version = client.get_model_version_by_alias(model_name, alias)
+        mlflow.set_tracking_uri(cfg.tracking_uri)  # models:/ URIs resolve against the global tracking URI
+        model = mlflow.pyfunc.load_model(f"models:/{model_name}/{version.version}")
+        return int(version.version), dict(version.tags), model.unwrap_python_model().detector
+
+    return with_retries(f"loading {model_name}@{alias}", attempt, uri=cfg.tracking_uri, retries=retries,
+                        backoff_s=backoff_s)
+
+
+def set_version_tags(cfg: MLflowConfig, model_name: str, version: int, tags: dict[str, str], *, retries: int = 3,
+                     backoff_s: float = 2.0) -> None:
+    """Set tags on a registered version (e.g. benchmark figures re-measured on another device)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=cfg.tracking_uri)
+
+    def attempt() -> None:
+        for key, value in tags.items():
+            client.set_model_version_tag(model_name, str(version), key, value)
+
+    with_retries(f"tagging {model_name} v{version}", attempt, uri=cfg.tracking_uri, retries=retries,
+                 backoff_s=backoff_s)
 
 
 def champion_history(cfg: MLflowConfig, model_name: str) -> list[dict[str, Any]]:

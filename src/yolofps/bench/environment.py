@@ -48,6 +48,11 @@ def environment_stamp(packages: tuple[str, ...] = ("torch", "numpy", "opencv-pyt
     return stamp
 
 
+def device_name(stamp: dict[str, Any]) -> str:
+    """The device a figure belongs to, as the registry's gates compare it: the GPU, else CPU model x cores."""
+    return stamp.get("gpu") or f"{stamp.get('cpu')} x{stamp.get('cpu_cores')}"
+
+
 def write_result(path: str | Path, benchmark: str, settings: dict, rows: list[dict], **extra: Any) -> Path:
     """Write a benchmark's JSON: its name, the environment stamp, its settings and its result rows."""
     path = Path(path)

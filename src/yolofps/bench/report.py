@@ -43,25 +43,23 @@ def pareto_front(rows: Sequence[dict[str, Any]]) -> list[str]:
     return [r["name"] for r in sorted(front, key=lambda r: -r["fps_b1"])]
 
 
-FPS_TIE = 0.05  # FPS this close to the fastest is within run-to-run noise here (2-core CPU, interleaved runs)
-
-
-def select(rows: Sequence[dict[str, Any]], policy: str, max_map_drop: float) -> dict[str, Any]:
+def select(rows: Sequence[dict[str, Any]], policy: str, max_map_drop: float, fps_tie: float = 0.05
+           ) -> dict[str, Any]:
     """The variant to register: the fastest `ok` row (within `max_map_drop` of the baseline), with the reason.
 
-    Rows within FPS_TIE of the fastest count as tied and the most accurate of them wins: two runs of one
-    architecture (a pruned model with and without distillation) must not be told apart by noise.
+    Rows within `fps_tie` (a fraction) of the fastest count as tied and the most accurate of them wins: two runs
+    of one architecture (a pruned model with and without distillation) must not be told apart by noise.
     Policy `pareto` selects the same row and also lists the Pareto front for a registry that holds several.
     """
     ok = [r for r in rows if r["status"] == "ok" and r.get("fps_b1")]
     if not ok:
         return {"name": None, "reason": "no variant ran successfully within the accuracy budget"}
     top = max(r["fps_b1"] for r in ok)
-    tied = [r for r in ok if r["fps_b1"] >= top * (1 - FPS_TIE)]
+    tied = [r for r in ok if r["fps_b1"] >= top * (1 - fps_tie)]
     best = max(tied, key=lambda r: (r["map50_95"], r["fps_b1"]))
     versus = f", {best['speedup_vs_onnx_b1']:.2f}x the unpruned ONNX Runtime fp32" if best.get(
         "speedup_vs_onnx_b1") else ""
-    ties = f"; the most accurate of {len(tied)} variants within {FPS_TIE:.0%} of the top FPS" if len(tied) > 1 else ""
+    ties = f"; the most accurate of {len(tied)} variants within {fps_tie:.0%} of the top FPS" if len(tied) > 1 else ""
     reason = (f"fastest variant within {max_map_drop} mAP50-95 of the baseline{ties}: {best['fps_b1']:.1f} FPS end "
               f"to end at batch 1 ({best['speedup_b1']:.2f}x the torch fp32 eager baseline{versus}), "
               f"mAP50-95 {best['map50_95']:.4f} (drop {best.get('map_drop', 0.0):.4f})")

@@ -2,8 +2,9 @@
 
 Unknown keys and wrong types are errors that name the key, the file and the accepted keys, so a typo in
 params.yaml fails before any work starts. `-S key=value` overrides use the syntax of `dvc exp run -S`
-(the value is parsed as YAML). The sections live in `training`, `optimization` and `delivery`; the generic
-reading machinery in `loader`; this module holds the whole-file `Config` and `load_config`.
+(the value is parsed as YAML). The sections live in `training`, `optimization`, `delivery` and
+`orchestration`; the generic reading machinery in `loader`; this module holds the whole-file `Config` and
+`load_config`.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ from yolofps.config.common import TransformSpec, _check
 from yolofps.config.delivery import BENCH_MODES, BenchConfig, GatesConfig, MLflowConfig, RegisterConfig
 from yolofps.config.loader import from_dict, normalize_overrides, parse_override, read_params, set_dotted, to_dict
 from yolofps.config.optimization import DistillConfig, PruneConfig, QuantizeConfig
+from yolofps.config.orchestration import PrefectConfig
 from yolofps.config.training import DEFAULT_TRANSFORMS, AugmentConfig, DataConfig, TrainConfig
 from yolofps.errors import ConfigError
 
 __all__ = ["BENCH_MODES", "DEFAULT_TRANSFORMS", "AugmentConfig", "BenchConfig", "Config", "ConfigError", "DataConfig",
-           "DistillConfig", "GatesConfig", "MLflowConfig", "PruneConfig", "QuantizeConfig", "RegisterConfig",
-           "TrainConfig", "TransformSpec", "from_dict", "load_config", "normalize_overrides", "parse_override",
-           "read_params", "to_dict"]
+           "DistillConfig", "GatesConfig", "MLflowConfig", "PrefectConfig", "PruneConfig", "QuantizeConfig",
+           "RegisterConfig", "TrainConfig", "TransformSpec", "from_dict", "load_config", "normalize_overrides",
+           "parse_override", "read_params", "to_dict"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class Config:
     bench: BenchConfig = field(default_factory=BenchConfig)
     register: RegisterConfig = field(default_factory=RegisterConfig)
     mlflow: MLflowConfig = field(default_factory=MLflowConfig)
+    prefect: PrefectConfig = field(default_factory=PrefectConfig)
 
     def __post_init__(self) -> None:
         if self.distill.student == "pruned":

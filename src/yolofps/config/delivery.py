@@ -30,6 +30,7 @@ class BenchConfig:
     min_agreement_int8: float = 0.6  # INT8 is judged by mAP; this only catches a broken model
     policy: Literal["fastest_within_drop", "pareto"] = "fastest_within_drop"
     max_map_drop: float = 0.015  # mAP50-95 a selectable variant may lose against the baseline
+    fps_tie: float = 0.05  # FPS within this fraction of the fastest counts as tied; the most accurate wins
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.modes) - set(BENCH_MODES))
@@ -44,6 +45,7 @@ class BenchConfig:
         _check(0 <= self.min_agreement <= 1 and 0 <= self.min_agreement_int8 <= 1,
                "bench.min_agreement and bench.min_agreement_int8 must be in [0, 1]")
         _check(0 <= self.max_map_drop <= 1, "bench.max_map_drop must be in [0, 1]")
+        _check(0 <= self.fps_tie < 1, "bench.fps_tie must be in [0, 1)")
 
 
 @dataclass(frozen=True)

@@ -81,7 +81,7 @@ def run(cfg: Config, paths: Paths = Paths()) -> StageResult:
         time_variants(rows, live, data_images(data), deployment, b)
         report.judge_accuracy(rows, b.max_map_drop)
         report.add_speedups(rows)
-        selected = report.select(rows, b.policy, b.max_map_drop)
+        selected = report.select(rows, b.policy, b.max_map_drop, b.fps_tie)
         result = {"environment": environment, "variants": rows, "skipped": skipped, "selected": selected,
                   "summary": _summary(rows, selected)}
         contract.validate(result)  # what the registry and other tools read: never write a broken one

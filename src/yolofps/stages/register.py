@@ -19,6 +19,7 @@ from typing import Any
 
 import yolofps
 from yolofps.bench import contract
+from yolofps.bench.environment import device_name
 from yolofps.config import Config, to_dict
 from yolofps.data import formats
 from yolofps.errors import ConfigError, YolofpsError
@@ -74,7 +75,7 @@ def version_tags(paths: Paths, cfg: Config, row: dict[str, Any], bench: dict[str
              "fps_b1": str(row["fps_b1"]), "map50_95": str(row["map50_95"]), "map50": str(row["map50"]),
              "throughput": json.dumps(row["throughput"]), "speedup_b1": str(row["speedup_b1"]),
              "bench_status": row["status"], "size_mb": str(row["size_mb"]),
-             "bench_device_name": env.get("gpu") or f"{env.get('cpu')} x{env.get('cpu_cores')}",
+             "bench_device_name": device_name(env),
              "bench_environment": json.dumps({k: env.get(k) for k in ("cpu", "cpu_cores", "gpu", "torch",
                                                                       "onnxruntime", "threads", "time_utc")})}
     return {k: v[:5000] for k, v in tags.items()}
