@@ -1,6 +1,7 @@
 # The two commands of the README:
 #   make demo  - set up .venv if needed, run the pipeline offline on the built-in data set (dvc repro)
 #   make test  - set up .venv if needed, run the test suite
+#   make test-xla - set up .venv-xla (torch 2.9.0 + torch-xla 2.9.0) if needed, run the XLA tests on PJRT_DEVICE=CPU
 # Both are idempotent; the second run skips the install (a stamp file tracks pyproject.toml).
 
 PYTHON ?= python3
@@ -10,12 +11,16 @@ STAMP := $(VENV)/.yolofps-installed
 # The CPU wheel by default. A GPU user installs their CUDA torch into $(VENV) first; it is kept.
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+# torch-xla needs its own environment: it pins torch==2.9.0, the main one runs a newer torch.
+VENV_XLA ?= .venv-xla
+XLA_STAMP := $(VENV_XLA)/.yolofps-xla-installed
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
 export PATH := $(abspath $(BIN)):$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: demo test install clean-outputs
+.PHONY: demo test test-xla install install-xla clean-outputs
 
 install: $(STAMP)
 
@@ -45,6 +50,23 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+install-xla: $(XLA_STAMP)
+
+# The CPU wheel of torch 2.9.0 when its index answers (~200 MB); otherwise PyPI's build, which brings the CUDA
+# libraries (~7 GB). Either way `.[tpu]` then pins torch==2.9.0 and adds torch-xla 2.9.0.
+$(XLA_STAMP): pyproject.toml
+	test -x $(VENV_XLA)/bin/python || $(PYTHON) -m venv $(VENV_XLA)
+	$(VENV_XLA)/bin/python -m pip install -q --upgrade pip
+	if $(VENV_XLA)/bin/python -c "import urllib.request as u; u.urlopen('$(TORCH_CPU_INDEX)/torch/', timeout=10)" \
+	  2>/dev/null; then $(VENV_XLA)/bin/python -m pip install -q torch==2.9.0 --index-url $(TORCH_CPU_INDEX); fi
+	$(VENV_XLA)/bin/python -m pip install -q -e ".[tpu,dev]"
+	$(VENV_XLA)/bin/python -c "import torch, torch_xla; print('torch', torch.__version__, 'torch_xla', torch_xla.__version__)"
+	touch $(XLA_STAMP)
+
+# PJRT_DEVICE=CPU runs the real XLA compiler and runtime on the host (no TPU needed); the main suite skips these.
+test-xla: $(XLA_STAMP)
+	PJRT_DEVICE=CPU $(VENV_XLA)/bin/python -m pytest -m xla $(PYTEST_ARGS)
 
 clean-outputs:
 	rm -rf data/prepared data/augmented reports models checkpoints plots metrics/bench.json

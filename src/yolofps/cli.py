@@ -106,6 +106,8 @@ def _run_stage(args: argparse.Namespace) -> int:
     cfg = load_config(args.params, args.overrides)  # config errors surface before any work
     module = importlib.import_module(STAGES[args.command][0])
     result = module.run(cfg, Paths())
+    if not result.outputs and not result.metrics:  # a torchrun rank other than 0: rank 0 reports
+        return 0
     for label, path in result.outputs.items():
         print(f"{args.command}: {label} -> {path}")
     print(f"{args.command}: metrics {json.dumps(result.metrics)}")

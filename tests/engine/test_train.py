@@ -126,3 +126,25 @@ def test_auto_optimizer_follows_ultralytics():
 
     adam = build_optimizer(model, TrainConfig(epochs=1, batch=16, optimizer="AdamW", lr0=0.001))
     assert isinstance(adam, torch.optim.AdamW) and len(adam.param_groups) == 3
+
+
+def test_time_limit_stops_after_the_current_step_and_still_saves(four_images):
+    model, objective, make_loader, evaluate, loop = _setup(four_images, epochs=50)
+    loop = dataclasses.replace(loop, batch=2, nominal_batch=2, time_limit_min=1e-6)  # 2 steps per epoch
+    ends = []
+    _, state = fit(model, objective, make_loader, evaluate, loop, CPU,
+                   on_epoch_end=lambda m, s, end: ends.append((end.stop, end.resume_state())), fitness=fitness)
+    assert state.stopped == "time_limit" and state.optimizer_steps == 1 and len(state.history) == 1
+    (stop, saved), = ends  # evaluated and checkpointed once, marked as the last epoch
+    assert stop and saved["fit"]["stopped"] == "time_limit" and saved["fit"]["optimizer_steps"] == 1
+
+
+def test_compile_is_opt_in_and_skipped_on_xla():
+    """`train.compile` wraps only the model that runs the step (a real compiled training run costs minutes on 2
+    cores, so this checks the wiring; the bench tests compare compiled inference with eager)."""
+    model = build_model(preset("tiny", 2))
+    assert dev.compile_model(model, CPU, False) is model
+    compiled = dev.compile_model(model, CPU, True)
+    assert isinstance(compiled, torch._dynamo.eval_frame.OptimizedModule) and compiled._orig_mod is model
+    xla = dev.DeviceInfo("xla", torch.device("cpu"), torch.bfloat16)  # compile_model only reads the kind
+    assert dev.compile_model(model, xla, True) is model

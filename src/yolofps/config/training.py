@@ -85,6 +85,14 @@ class TrainConfig:
     grad_clip: float = 10.0
     patience: int = 100  # early stop after this many epochs without improvement
     amp: bool = True  # autocast on CUDA/XLA (bf16 where supported, else fp16 with a grad scaler)
+    compile: bool = False  # torch.compile the model for training (CPU/CUDA; XLA compiles its own graphs)
+    time_limit_min: float = 0.0  # stop after the step that crosses this many minutes, keep the checkpoint; 0 = none
+    # several processes: torchrun (torch.distributed.run) starts them; `batch` is the global batch, split evenly
+    nproc_per_node: int = 1  # processes per machine (one per GPU); on XLA > 1 means every local core
+    nnodes: int = 1  # machines; > 1 needs rdzv_endpoint
+    rdzv_endpoint: str = ""  # host:port of the c10d rendezvous (any one node), the same on every node
+    rdzv_id: str = "yolofps"  # rendezvous (job) id, the same on every node
+    sync_bn: bool = False  # SyncBatchNorm across processes (CUDA only; torch has no CPU SyncBatchNorm)
     # loss gains
     box: float = 0.05
     obj: float = 1.0
@@ -116,3 +124,9 @@ class TrainConfig:
         _check(0 <= self.mosaic <= 1 and 0 <= self.fliplr <= 1, "train.mosaic and train.fliplr must be in [0, 1]")
         _check(self.close_mosaic >= 0 and self.patience >= 1, "train.close_mosaic >= 0 and train.patience >= 1")
         _check(0 <= self.conf < 1 and 0 < self.iou <= 1, "train.conf must be in [0, 1) and train.iou in (0, 1]")
+        _check(self.time_limit_min >= 0, "train.time_limit_min must be >= 0 (0 = no limit)")
+        _check(self.nproc_per_node >= 1 and self.nnodes >= 1, "train.nproc_per_node and train.nnodes must be >= 1")
+        _check(self.nnodes == 1 or ":" in self.rdzv_endpoint,
+               "train.rdzv_endpoint must be host:port when train.nnodes > 1")
+        _check(self.batch % (self.nproc_per_node * self.nnodes) == 0,
+               "train.batch is the global batch: it must divide evenly by nproc_per_node * nnodes")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -17,7 +18,7 @@ import albumentations as A
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from yolofps import device as dev
 from yolofps.config import TransformSpec
@@ -236,25 +237,52 @@ def collate(batch: Sequence[tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict
     return torch.stack(images), torch.stack(targets), torch.stack(masks), list(metas)
 
 
-def _seed_worker(worker_id: int) -> None:
-    """Per-worker streams: torch derives each worker's seed from the loader's seeded generator."""
+RANK_SEED_STRIDE = 1_000_003  # separates the augmentation streams of distributed ranks
+
+
+def _seed_worker(worker_id: int, rank: int = 0) -> None:
+    """Per-worker streams: torch derives each worker's seed from the loader's seeded generator (plus the rank)."""
     info = torch.utils.data.get_worker_info()
-    seed = info.seed % 2**32
+    seed = (info.seed + rank * RANK_SEED_STRIDE) % 2**32
     random.seed(seed)
     np.random.seed(seed)
     cv2.setNumThreads(0)  # one worker per core already; OpenCV's own thread pool would oversubscribe
     info.dataset.reseed(seed)
 
 
+class ShardedBatchSampler(BatchSampler):
+    """Rank `rank`'s slice of each global batch: the world together sees exactly the single-process batches."""
+
+    def __init__(self, global_batches: BatchSampler, rank: int, world_size: int) -> None:
+        self.global_batches, self.rank, self.world_size = global_batches, rank, world_size
+
+    def __iter__(self):
+        for batch in self.global_batches:
+            share = len(batch) // self.world_size  # a short last batch is split evenly, its remainder dropped
+            if share:
+                yield batch[self.rank * share:(self.rank + 1) * share]
+
+    def __len__(self) -> int:
+        return len(self.global_batches)
+
+
 def build_loader(dataset: YoloDataset, batch_size: int, *, shuffle: bool, workers: int = 2, seed: int = 0,
-                 drop_last: bool = False) -> DataLoader:
+                 drop_last: bool = False, rank: int = 0, world_size: int = 1) -> DataLoader:
     """A DataLoader with `collate`, a seeded order and seeded per-worker augmentation streams.
 
     With workers=0 the dataset is reseeded with `seed` here, so two loaders built alike give identical batches.
+    Distributed (`world_size` > 1), `batch_size` is the per-process batch: the same seeded order as one process
+    with batch_size * world_size is cut into global batches, and this rank takes its slice of each (the
+    DistributedSampler idea, keeping the single-process batches so the two runs can be compared).
     """
     if workers == 0:
-        dataset.reseed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=workers, collate_fn=collate,
-                      generator=torch.Generator().manual_seed(seed),
-                      worker_init_fn=_seed_worker if workers > 0 else None, persistent_workers=workers > 0,
-                      pin_memory=dev.pin_memory(), drop_last=drop_last)
+        dataset.reseed(seed + rank * RANK_SEED_STRIDE)
+    generator = torch.Generator().manual_seed(seed)
+    common = dict(num_workers=workers, collate_fn=collate, generator=generator, persistent_workers=workers > 0,
+                  worker_init_fn=partial(_seed_worker, rank=rank) if workers > 0 else None,
+                  pin_memory=dev.pin_memory())
+    if world_size == 1:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, drop_last=drop_last, **common)
+    order = RandomSampler(dataset, generator=generator) if shuffle else SequentialSampler(dataset)
+    global_batches = BatchSampler(order, batch_size * world_size, drop_last=drop_last)
+    return DataLoader(dataset, batch_sampler=ShardedBatchSampler(global_batches, rank, world_size), **common)

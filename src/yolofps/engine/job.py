@@ -19,6 +19,7 @@ from yolofps.engine import checkpoint
 from yolofps.engine.evaluate import EvalResult
 from yolofps.engine.predict import Predictions, evaluate_model, fitness
 from yolofps.engine.train import EpochEnd, FitState, Objective, fit, resolve_optimizer
+from yolofps.errors import ConfigError
 from yolofps.fileio import write_json
 from yolofps.lineage import params_hash
 from yolofps.model.yolo import YOLOv5
@@ -58,7 +59,8 @@ def load_data(cfg: Config, paths: Paths, train: TrainConfig) -> Data:
 
 
 def evaluate(model, data: Data, info: dev.DeviceInfo, train: TrainConfig) -> tuple[EvalResult, Predictions]:
-    """COCO evaluation with the train section's val settings."""
+    """COCO evaluation with the train section's val settings (on the host when training on XLA)."""
+    model, info = dev.host_model(model, info)
     return evaluate_model(model, data.val_loader, info, data.names, conf=train.conf, iou=train.iou,
                           max_det=train.max_det)
 
@@ -70,29 +72,40 @@ def job_hash(cfg: Config, train: TrainConfig, extra: Any = None) -> str:
 
 def run_job(cfg: Config, train: TrainConfig, data: Data, model: YOLOv5, objective: Objective, *,
             info: dev.DeviceInfo, checkpoints: Path, history_csv: Path, tracking: TrackingRun,
-            meta: dict[str, Any], force_resume: bool = False) -> JobResult:
-    """Train `model` with `objective`; resumes from `checkpoints/last` when a matching run was cut short."""
+            meta: dict[str, Any], force_resume: bool = False) -> JobResult | None:
+    """Train `model` with `objective`; resumes from `checkpoints/last` when a matching run was cut short.
+
+    Distributed, only rank 0 gets a result; the other ranks return None once training is over.
+    """
     loop = resolve_optimizer(train, num_images=len(data.train_set), num_classes=len(data.names))
-    meta = meta | {"optimizer": loop.optimizer, "device": info.name}
-    print(f"{meta.get('job', 'train')}: {len(data.train_set)} images, {loop.epochs} epochs, {loop.optimizer} "
-          f"lr0={loop.lr0} on {info.name}", flush=True)
+    meta = meta | {"optimizer": loop.optimizer, "device": info.name, "world_size": info.world_size}
+    if info.is_main:
+        print(f"{meta.get('job', 'train')}: {len(data.train_set)} images, {loop.epochs} epochs, {loop.optimizer} "
+              f"lr0={loop.lr0} on {info.name} x {info.world_size}", flush=True)
+    if train.batch % info.world_size:
+        raise ConfigError(f"train.batch {train.batch} is the global batch: it must divide by the "
+                          f"{info.world_size} processes")
+    per_process = train.batch // info.world_size
 
     def make_loader(epoch: int, mosaic: bool):
         data.train_set.set_mosaic(mosaic)
-        return build_loader(data.train_set, train.batch, shuffle=True, workers=train.workers,
-                            seed=cfg.seed + epoch, drop_last=len(data.train_set) > train.batch)
+        return build_loader(data.train_set, per_process, shuffle=True, workers=train.workers,
+                            seed=cfg.seed + epoch, drop_last=len(data.train_set) > train.batch, rank=info.rank,
+                            world_size=info.world_size)
 
-    resume = resume_state(checkpoints, meta["params_hash"], force=force_resume)
+    resume = resume_state(checkpoints, meta["params_hash"], force=force_resume, verbose=info.is_main)
     best, state = fit(model, objective, make_loader, lambda m: evaluate(m, data, info, train)[0].metrics(), loop,
                       info, resume=resume, on_epoch_end=epoch_callback(checkpoints, history_csv, meta, tracking),
                       fitness=fitness)
+    if not info.is_main:
+        return None
     best_model, _ = checkpoint.load_model(checkpoints / "best")
     best_model = dev.prepare_model(best_model, info).eval()
     result, predictions = evaluate(best_model, data, info, train)
     return JobResult(best_model, state, result, predictions)
 
 
-def resume_state(checkpoints: Path, section_hash: str, *, force: bool) -> dict[str, Any] | None:
+def resume_state(checkpoints: Path, section_hash: str, *, force: bool, verbose: bool = True) -> dict[str, Any] | None:
     """Resume when forced, or when the last run with the same params stopped before its last epoch."""
     last = checkpoints / "last"
     if not (last / checkpoint.STATE).is_file():
@@ -100,7 +113,8 @@ def resume_state(checkpoints: Path, section_hash: str, *, force: bool) -> dict[s
     _, meta = checkpoint.load_model(last)  # a damaged checkpoint fails here with a named error
     state = checkpoint.load_state(last)
     if force or (not meta.get("finished", False) and meta.get("params_hash") == section_hash):
-        print(f"resuming from {last} after epoch {state['fit']['epoch']}", flush=True)
+        if verbose:
+            print(f"resuming from {last} after epoch {state['fit']['epoch']}", flush=True)
         return state
     return None
 

@@ -3,6 +3,10 @@
 What varies between them is the objective: a callable `(model, images, targets, mask) -> dict` whose
 "loss" entry is optimized (other entries are logged). The step is XLA-safe by construction: fixed shapes,
 no host sync inside it; losses are read off the device only every `LOG_EVERY` steps.
+
+Distributed (torchrun or torch_xla.launch): every process runs this loop on its share of each global batch;
+only rank 0 evaluates, and its metrics are broadcast so that every rank takes the same stop decision. The
+epoch callback (checkpoints, history, MLflow) runs on rank 0 only.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ class FitState:
     stale_epochs: int = 0
     ema_updates: int = 0
     optimizer_steps: int = 0
+    stopped: str = ""  # why training ended before `epochs`: "" | "early_stop" | "time_limit"
     history: list[dict[str, float]] = field(default_factory=list)
 
 
@@ -152,25 +157,32 @@ def fit(model: nn.Module, objective: Objective, make_loader: Callable[[int, bool
 
     `spec` is a train-like config whose optimizer is resolved (see `resolve_optimizer`).
 
-    `make_loader(epoch, mosaic)` gives that epoch's batches (seeded by epoch, so a resumed run sees the
-    same data order). `evaluate(model)` returns metrics; `fitness(metrics)` ranks epochs. `on_epoch_end`
-    saves checkpoints and logs; it runs after every epoch with the model to save.
+    `make_loader(epoch, mosaic)` gives that epoch's batches (this process's share of them when distributed;
+    seeded by epoch, so a resumed run sees the same data order). `evaluate(model)` returns metrics;
+    `fitness(metrics)` ranks epochs. `on_epoch_end` saves checkpoints and logs; it runs after every epoch, on
+    rank 0, with the model to save. With `spec.time_limit_min` the loop stops after the step that crosses it,
+    then evaluates and calls `on_epoch_end` as after a full epoch (`state.stopped == "time_limit"`).
     """
     model = dev.prepare_model(model, info)
+    step_model = dev.compile_model(dev.wrap_ddp(model, info, sync_bn=spec.sync_bn), info, spec.compile)
     optimizer = build_optimizer(model, spec)
     ema = ModelEMA(model) if spec.ema else None
     state = FitState()
     if resume is not None:
         state = _restore(resume, model, optimizer, ema)
     scaler = dev.grad_scaler(info)
+    deadline = time.monotonic() + spec.time_limit_min * 60 if spec.time_limit_min > 0 else None
     for epoch in range(state.epoch, spec.epochs):
         mosaic = epoch < spec.epochs - spec.close_mosaic
-        losses, seconds, images_seen = _train_epoch(model, objective, make_loader(epoch, mosaic), optimizer, scaler,
-                                                    ema, spec, info, state, epoch)
+        losses, seconds, images_seen, out_of_time = _train_epoch(
+            step_model, model, objective, make_loader(epoch, mosaic), optimizer, scaler, ema, spec, info, state,
+            epoch, deadline)
         eval_model = ema.module if ema else model
-        metrics = evaluate(eval_model)
+        metrics = dev.broadcast_object(evaluate(eval_model) if info.is_main else None, info)
         record = {"epoch": epoch, **losses, "images_per_s": images_seen / max(seconds, 1e-9), **metrics,
                   **{f"lr/pg{i}": g["lr"] for i, g in enumerate(optimizer.param_groups)}}
+        if info.kind == "xla":
+            record["xla_compiles"] = dev.xla_compile_count()  # should stop growing after the first epoch
         score = fitness(metrics)
         is_best = score > state.best_fitness
         if is_best:
@@ -180,18 +192,40 @@ def fit(model: nn.Module, objective: Objective, make_loader: Callable[[int, bool
         state.epoch = epoch + 1
         state.ema_updates = ema.updates if ema else 0
         state.history.append(record)
-        stop = state.stale_epochs >= spec.patience
-        snapshot = lambda: training_state(model, optimizer.state_dict(), ema.module if ema else None, state)  # noqa: E731
-        on_epoch_end(eval_model, state, EpochEnd(record, is_best, stop, snapshot))
-        if stop:
+        if state.stale_epochs >= spec.patience:
+            state.stopped = "early_stop"
             print(f"early stop: no improvement for {spec.patience} epochs (best epoch {state.best_epoch})")
+        if out_of_time:
+            state.stopped = "time_limit"
+            print(f"time limit: stopping after {spec.time_limit_min} min, in epoch {epoch + 1}/{spec.epochs}")
+        snapshot = lambda: training_state(model, optimizer.state_dict(), ema.module if ema else None, state)  # noqa: E731
+        if info.is_main:
+            on_epoch_end(eval_model, state, EpochEnd(record, is_best, bool(state.stopped), snapshot))
+        if state.stopped:
             break
+    dev.barrier(info)  # rank 0's last checkpoint is on disk before any rank moves on
     return (ema.module if ema else model), state
 
 
-def _train_epoch(model, objective, loader, optimizer, scaler, ema, spec: TrainConfig, info: dev.DeviceInfo,
-                 state: FitState, epoch: int) -> tuple[dict[str, float], float, int]:
-    """One pass over the loader; returns mean losses, seconds and images seen."""
+def _time_is_up(deadline: float | None, info: dev.DeviceInfo, i: int) -> bool:
+    """Past the deadline? Distributed ranks agree by an all-reduce every LOG_EVERY steps (else they would hang)."""
+    if deadline is None:
+        return False
+    if not info.distributed:
+        return time.monotonic() > deadline
+    if i % LOG_EVERY:
+        return False
+    late = torch.tensor([float(time.monotonic() > deadline)], device=info.device)
+    return bool(dev.all_reduce_mean(late, info).item() > 0)  # any rank late: all stop
+
+
+def _train_epoch(step_model, model, objective, loader, optimizer, scaler, ema, spec: TrainConfig,
+                 info: dev.DeviceInfo, state: FitState, epoch: int,
+                 deadline: float | None) -> tuple[dict[str, float], float, int, bool]:
+    """One pass over the loader; returns mean losses, seconds, images seen (all ranks) and whether time ran out.
+
+    `step_model` is what runs forward (DDP-wrapped and/or compiled); `model` is the plain module (EMA source).
+    """
     model.train()
     num_batches = len(loader)
     warmup_steps = max(round(spec.warmup_epochs * num_batches), 100) if spec.warmup_epochs > 0 else 0
@@ -199,8 +233,9 @@ def _train_epoch(model, objective, loader, optimizer, scaler, ema, spec: TrainCo
     for group in optimizer.param_groups:
         group["lr"] = spec.lr0 * lr_factor(spec, epoch)
     totals: dict[str, torch.Tensor] = {}
-    images_seen, start, last_step = 0, time.perf_counter(), -1
-    bar = tqdm(loader, total=num_batches, desc=f"epoch {epoch + 1}/{spec.epochs}", disable=None, leave=False)
+    images_seen, start, last_step, out_of_time, steps = 0, time.perf_counter(), -1, False, 0
+    bar = tqdm(dev.device_loader(loader, info), total=num_batches, desc=f"epoch {epoch + 1}/{spec.epochs}",
+               disable=None if info.is_main else True, leave=False)
     optimizer.zero_grad(set_to_none=True)
     for i, (images, targets, mask, _) in enumerate(bar):
         step = i + num_batches * epoch
@@ -210,33 +245,39 @@ def _train_epoch(model, objective, loader, optimizer, scaler, ema, spec: TrainCo
         images = dev.to_device(images, info)  # [B, 3, S, S] float 0..1
         targets, mask = targets.to(info.device, non_blocking=True), mask.to(info.device, non_blocking=True)
         with dev.autocast(info):
-            parts = objective(model, images, targets, mask)
+            parts = objective(step_model, images, targets, mask)
+        # the loss is scaled by the per-process batch (yolov5) and DDP averages gradients over processes:
+        # times world_size gives the gradient of one process running the whole global batch
+        parts["loss"] = parts["loss"] * info.world_size
         scaler.scale(parts["loss"]).backward()
         if i - last_step >= accumulate or i + 1 == num_batches:
             last_step = i
-            _optimizer_step(model, optimizer, scaler, spec)
+            _optimizer_step(model, optimizer, scaler, spec, info)
             state.optimizer_steps += 1
             if ema:
                 ema.update(model)
-        dev.mark_step(info)
         for name, value in parts.items():
-            totals[name] = totals.get(name, 0) + value.detach()  # stays on the device: no sync
-        images_seen += images.shape[0]
-        if i % LOG_EVERY == 0:  # the only host sync in the loop
+            totals[name] = totals.get(name, 0) + value.detach()  # stays on the device, inside the XLA step graph
+        dev.mark_step(info)
+        images_seen += images.shape[0] * info.world_size
+        steps = i + 1
+        if i % LOG_EVERY == 0 and info.is_main:  # the only host sync in the loop
             bar.set_postfix({k: f"{v.item() / (i + 1):.4f}" for k, v in totals.items() if k != "loss"})
+        if _time_is_up(deadline, info, i):
+            out_of_time = True
+            break
     dev.synchronize(info)
     seconds = time.perf_counter() - start
-    means = {f"train/{name}_loss" if name != "loss" else "train/loss": float(v) / max(num_batches, 1)
-             for name, v in totals.items()}
-    return means, seconds, images_seen
+    means = {f"train/{name}_loss" if name != "loss" else "train/loss":
+             float(dev.all_reduce_mean(v, info)) / max(steps, 1) for name, v in totals.items()}
+    return means, seconds, images_seen, out_of_time
 
 
-def _optimizer_step(model: nn.Module, optimizer, scaler, spec: TrainConfig) -> None:
+def _optimizer_step(model: nn.Module, optimizer, scaler, spec: TrainConfig, info: dev.DeviceInfo) -> None:
     scaler.unscale_(optimizer)
     if spec.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=spec.grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
+    dev.optimizer_step(optimizer, scaler, info)
     optimizer.zero_grad(set_to_none=True)
 
 
@@ -245,10 +286,21 @@ def training_state(model: nn.Module, optimizer_state: dict | None, ema: nn.Modul
     return {
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "ema": {k: v.detach().cpu() for k, v in ema.state_dict().items()} if ema is not None else None,
-        "optimizer": optimizer_state,
+        "optimizer": _to_cpu(optimizer_state),
         "fit": {k: getattr(state, k) for k in FitState.__dataclass_fields__},
         "torch_rng": torch.get_rng_state(),
     }
+
+
+def _to_cpu(value: Any) -> Any:
+    """Optimizer state with every tensor on the host (XLA tensors cannot be saved as they are)."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
 
 
 def _restore(saved: dict[str, Any], model: nn.Module, optimizer, ema: ModelEMA | None) -> FitState:

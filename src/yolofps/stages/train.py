@@ -8,15 +8,21 @@ the COCO protocol after every epoch, and writes:
   plots/train.csv             one row per epoch (DVC plots)
   plots/train/                PR curve, confusion matrix, val images with predictions
 and tracks the run in MLflow (params, per-epoch metrics, system metrics, artifacts).
+
+With `train.nproc_per_node * train.nnodes > 1` the stage relaunches itself through torchrun, one process per
+device; rank 0 alone writes the files above and the one MLflow run. On `device: xla` it uses torch_xla.launch.
 """
 
 from __future__ import annotations
 
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import cv2
+import yaml
 
 from yolofps import device as dev
 from yolofps.config import Config, to_dict
@@ -30,6 +36,7 @@ from yolofps.model.spec import ArchSpec, preset
 from yolofps.model.yolo import build_model, model_info
 from yolofps.paths import Paths
 from yolofps.registry import TrackingRun
+from yolofps.errors import YolofpsError
 from yolofps.stages import StageResult
 
 
@@ -51,16 +58,75 @@ def detection_loss(spec: ArchSpec, cfg: Config) -> YOLOv5Loss:
 
 def run(cfg: Config, paths: Paths = Paths()) -> StageResult:
     """Train, evaluate and save the baseline; resumes from checkpoints/train when a previous run was cut short."""
+    processes = cfg.train.nproc_per_node * cfg.train.nnodes
+    if processes > 1 and cfg.device == "xla":
+        dev.xla_launch(_xla_worker, (cfg, paths))
+        return _result(paths, read_metrics(paths))
+    if processes > 1 and not dev.inside_launcher():
+        return launch(cfg, paths)
+    return _run_here(cfg, paths)
+
+
+def _run_here(cfg: Config, paths: Paths) -> StageResult:
+    """Train in this process (alone, or as one rank of torchrun / torch_xla.launch)."""
+    info = dev.resolve(cfg.device, amp=cfg.train.amp)
+    try:
+        return _train(cfg, paths, info)
+    finally:
+        dev.shutdown(info)
+
+
+def launch(cfg: Config, paths: Paths) -> StageResult:
+    """Run this stage under torchrun with the same config (written to a temporary params file)."""
+    t = cfg.train
+    with tempfile.TemporaryDirectory(prefix="yolofps-launch-") as folder:
+        params = Path(folder) / "params.yaml"
+        params.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        command = dev.torchrun_command(["yolofps.cli", "train", "--params", str(params)],
+                                       nproc_per_node=t.nproc_per_node, nnodes=t.nnodes,
+                                       rdzv_endpoint=t.rdzv_endpoint, rdzv_id=t.rdzv_id)
+        print("train: launching " + " ".join(command), flush=True)
+        code = subprocess.call(command, cwd=paths.root)
+    if code != 0:
+        raise YolofpsError(f"train: torchrun exited with {code}; the log above shows each rank's error")
+    return _result(paths, read_metrics(paths))
+
+
+def _xla_worker(index: int, cfg: Config, paths: Paths) -> None:
+    """One process per XLA core (torch_xla.launch passes the process index first)."""
+    _run_here(cfg, paths)
+
+
+def read_metrics(paths: Paths) -> dict[str, Any]:
+    """metrics/train.json as written by rank 0."""
+    import json
+
+    return json.loads(paths.metrics("train").read_text())
+
+
+def _result(paths: Paths, metrics: dict[str, Any]) -> StageResult:
+    return StageResult(outputs={"best": paths.models("train") / "best", "last": paths.models("train") / "last",
+                                "metrics": paths.metrics("train"), "plots": paths.plots / "train.csv"},
+                       metrics=metrics)
+
+
+def _train(cfg: Config, paths: Paths, info: dev.DeviceInfo) -> StageResult:
+    """This process's part of training: everything on rank 0, only the training loop on the others."""
     train = cfg.train
-    info = dev.resolve(cfg.device, amp=train.amp)
     dev.seed_everything(cfg.seed)
     data = job.load_data(cfg, paths, train)
     model = build_model(preset(train.model, num_classes=len(data.names)))
     meta = {"job": "train", "names": list(data.names), "imgsz": train.imgsz, "model": train.model,
             "params_hash": job.job_hash(cfg, train)}
-    tags = lineage_tags(paths.root, "train", to_dict(train)) | {"model": train.model, "device": info.name}
+    objective = DetectionObjective(detection_loss(model.spec, cfg))
+    if not info.is_main:  # no MLflow run, no files: rank 0 writes them
+        job.run_job(cfg, train, data, model, objective, info=info, checkpoints=paths.checkpoints("train"),
+                    history_csv=paths.plots / "train.csv", tracking=None, meta=meta, force_resume=train.resume)
+        return StageResult(outputs={}, metrics={})
+    tags = lineage_tags(paths.root, "train", to_dict(train)) | {"model": train.model, "device": info.name,
+                                                                 "world_size": str(info.world_size)}
     with TrackingRun(cfg.mlflow, run_name=f"train-{train.model}", params=to_dict(cfg), tags=tags) as tracking:
-        out = job.run_job(cfg, train, data, model, DetectionObjective(detection_loss(model.spec, cfg)), info=info,
+        out = job.run_job(cfg, train, data, model, objective, info=info,
                           checkpoints=paths.checkpoints("train"), history_csv=paths.plots / "train.csv",
                           tracking=tracking, meta=meta, force_resume=train.resume)
         metrics = summary_metrics(out, train.imgsz)
@@ -72,9 +138,7 @@ def run(cfg: Config, paths: Paths = Paths()) -> StageResult:
         for artifact, folder in ((paths.plots / "train.csv", "results"), (paths.metrics("train"), "results"),
                                  (plot_dir, "plots"), (paths.models("train"), "model")):
             tracking.log_artifacts(artifact, folder)
-    return StageResult(outputs={"best": paths.models("train") / "best", "last": paths.models("train") / "last",
-                                "metrics": paths.metrics("train"), "plots": paths.plots / "train.csv"},
-                       metrics=metrics)
+    return _result(paths, metrics)
 
 
 def summary_metrics(out: job.JobResult, imgsz: int) -> dict[str, Any]:
@@ -84,6 +148,7 @@ def summary_metrics(out: job.JobResult, imgsz: int) -> dict[str, Any]:
         "best_epoch": out.state.best_epoch + 1, "epochs_run": out.state.epoch, "params": size["params"],
         "gflops": round(size["gflops"], 3), "fitness": round(fitness(out.result.metrics()), 5),
         "images_per_s": round(out.state.history[-1]["images_per_s"], 2),
+        "stopped": out.state.stopped or "completed",  # completed | early_stop | time_limit
     }
     return metrics | {f"ap50_95/{name}": round(ap, 5) for name, ap in out.result.per_class_ap.items()}
 

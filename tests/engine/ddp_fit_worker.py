@@ -1,0 +1,67 @@
+"""`fit` on 8 images, alone or as a torchrun rank; each rank writes its loss history and weights to argv[1].<rank>.
+
+BatchNorm is replaced by Identity: with BN each process normalizes over its own share of the batch, a real and
+expected difference from one process that would hide what this checks (gradient sync and scale).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from yolofps import device as dev
+from yolofps.config import TrainConfig
+from yolofps.data import synthetic
+from yolofps.data.dataset import LoaderSpec, YoloDataset, build_loader
+from yolofps.engine.train import fit
+from yolofps.model.loss import YOLOv5Loss
+from yolofps.model.spec import preset
+from yolofps.model.yolo import build_model
+from yolofps.stages.train import DetectionObjective
+
+PLAIN = LoaderSpec(image_size=64, max_boxes=8, mosaic=0.0, hsv_h=0.0, hsv_s=0.0, hsv_v=0.0, translate=0.0,
+                   scale=0.0, fliplr=0.0)
+
+
+def without_batchnorm(module: nn.Module) -> nn.Module:
+    """The same network with every BatchNorm2d replaced by Identity (in place)."""
+    for name, child in module.named_children():
+        setattr(module, name, nn.Identity() if isinstance(child, nn.BatchNorm2d) else without_batchnorm(child))
+    return module
+
+
+def main(out: str, data_root: str) -> None:
+    """Train 3 epochs of two steps (global batch 4); every rank saves history, initial and final weights."""
+    info = dev.resolve("cpu")
+    dev.seed_everything(0)
+    data_yaml = synthetic.generate(Path(data_root), synthetic.SyntheticSpec(
+        num_train=8, num_val=1, image_size=64, min_aspect=1.0, max_objects=2, background_fraction=0.0,
+        min_visible=0.5), seed=3) if info.is_main else None
+    dev.barrier(info)
+    data_yaml = dev.broadcast_object(data_yaml, info)
+    dataset = YoloDataset(data_yaml, "train", PLAIN, train=True, seed=0)
+    arch = preset("tiny", len(dataset.names))
+    model = without_batchnorm(build_model(arch))
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    loop = TrainConfig(epochs=3, batch=4, optimizer="SGD", lr0=0.01, warmup_epochs=0, nominal_batch=4, ema=False,
+                       close_mosaic=0)
+    per_process = loop.batch // info.world_size
+
+    def make_loader(epoch, mosaic):
+        return build_loader(dataset, per_process, shuffle=True, workers=0, seed=epoch, drop_last=True,
+                            rank=info.rank, world_size=info.world_size)
+
+    evaluated = []
+    trained, state = fit(model, DetectionObjective(YOLOv5Loss(arch, image_size=64)), make_loader,
+                         lambda m: evaluated.append(info.rank) or {"metrics/mAP50B": 0.5}, loop, info,
+                         on_epoch_end=lambda *a: None, fitness=lambda m: m["metrics/mAP50B"])
+    torch.save({"history": state.history, "weights": trained.state_dict(), "initial": initial,
+                "evaluated": evaluated}, f"{out}.{info.rank}")
+    dev.shutdown(info)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

@@ -1,0 +1,107 @@
+"""The training loop on an XLA device (torch-xla on PJRT_DEVICE=CPU): `make test-xla` runs these in .venv-xla.
+
+Real torch-xla, real compilations: the loop must settle (no new graphs per step after warm-up), losses stay
+finite in bf16, and what it saves loads back on a CPU-only torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("PJRT_DEVICE", "CPU")  # before torch_xla initializes its runtime
+pytest.importorskip("torch_xla", reason="torch-xla is installed only in .venv-xla (make test-xla)")
+pytestmark = pytest.mark.xla
+
+from helpers import PROJECT_ROOT, TINY_PARAMS  # noqa: E402
+from yolofps import device as dev  # noqa: E402
+from yolofps.config import TrainConfig, load_config  # noqa: E402
+from yolofps.data import synthetic  # noqa: E402
+from yolofps.data.dataset import LoaderSpec, YoloDataset, build_loader  # noqa: E402
+from yolofps.engine import checkpoint  # noqa: E402
+from yolofps.engine.train import fit  # noqa: E402
+from yolofps.model.loss import YOLOv5Loss  # noqa: E402
+from yolofps.model.spec import preset  # noqa: E402
+from yolofps.model.yolo import build_model  # noqa: E402
+from yolofps.stages.train import DetectionObjective  # noqa: E402
+
+PLAIN = LoaderSpec(image_size=64, max_boxes=8, mosaic=0.0, hsv_h=0.0, hsv_s=0.0, hsv_v=0.0, translate=0.0,
+                   scale=0.0, fliplr=0.0)
+
+
+@pytest.fixture(scope="module")
+def eight_images(tmp_path_factory):
+    spec = synthetic.SyntheticSpec(num_train=8, num_val=2, image_size=64, min_aspect=1.0, max_objects=3,
+                                   background_fraction=0.2, min_visible=0.5)
+    return synthetic.generate(tmp_path_factory.mktemp("xla"), spec, seed=5)
+
+
+def test_resolve_xla_is_bf16_without_scaler():
+    info = dev.resolve("xla")
+    assert info.kind == "xla" and info.device.type == "xla" and info.amp_dtype == torch.bfloat16
+    assert not dev.grad_scaler(info).is_enabled() and info.world_size == 1 and info.is_main
+
+
+def test_training_steps_settle_and_checkpoint_loads_on_cpu(eight_images, tmp_path):
+    info = dev.resolve("xla")
+    dev.seed_everything(0)
+    dataset = YoloDataset(eight_images, "train", PLAIN, train=True, seed=0)
+    arch = preset("tiny", len(dataset.names))
+    model = build_model(arch)
+    objective = DetectionObjective(YOLOv5Loss(arch, image_size=64))
+    # 4 epochs x 2 steps; warm-up over the first 4 steps, so the lr changes every step (it must not recompile)
+    loop = TrainConfig(epochs=4, batch=4, optimizer="SGD", lr0=0.02, warmup_epochs=2, nominal_batch=4, ema=True,
+                       close_mosaic=0)
+    saved = {}
+
+    def on_epoch_end(eval_model, state, end):
+        saved["last"] = checkpoint.save_model(tmp_path / "last", eval_model, {"epoch": state.epoch},
+                                              state=end.resume_state())
+
+    def make_loader(epoch, mosaic):
+        return build_loader(dataset, 4, shuffle=True, workers=0, seed=epoch, drop_last=True)
+
+    trained, state = fit(model, objective, make_loader, lambda m: {"metrics/mAP50B": 0.0}, loop, info,
+                         on_epoch_end=on_epoch_end, fitness=lambda m: 0.0)
+    compiles = [record["xla_compiles"] for record in state.history]
+    print("XLA compiles after each epoch:", compiles)
+    assert state.optimizer_steps == 8
+    assert all(math.isfinite(record["train/loss"]) and record["train/loss"] > 0 for record in state.history)
+    assert compiles[0] > 0 and compiles[1] == compiles[2] == compiles[3], compiles  # settled after epoch 1
+
+    cpu_model, meta = checkpoint.load_model(saved["last"])  # plain CPU torch from here on
+    assert meta["epoch"] == 4
+    expected = {k: v.cpu() for k, v in trained.state_dict().items()}
+    for name, value in cpu_model.state_dict().items():
+        assert torch.equal(value, expected[name]), name
+    resume = checkpoint.load_state(saved["last"])
+    assert resume["fit"]["optimizer_steps"] == 8
+    assert all(t.device.type == "cpu" for s in resume["optimizer"]["state"].values() for t in s.values()
+               if isinstance(t, torch.Tensor))
+    cpu_model.eval()
+    with torch.no_grad():
+        out = cpu_model(torch.rand(1, 3, 64, 64))
+    assert torch.isfinite(out).all()
+
+
+def test_train_stage_runs_on_xla(tmp_path):
+    from yolofps.paths import Paths
+    from yolofps.stages import augment, data, train
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = load_config(PROJECT_ROOT / "params.yaml", TINY_PARAMS | {
+        "device": "xla", "mlflow.tracking_uri": uri, "data.num_train": 8, "augment.copies": 0,
+        "train.batch": 4, "train.sample_images": 2})
+    paths = Paths(tmp_path)
+    data.run(cfg, paths)
+    augment.run(cfg, paths)
+    result = train.run(cfg, paths)
+    metrics = json.loads(paths.metrics("train").read_text())
+    assert metrics == result.metrics and metrics["epochs_run"] == 2 and metrics["stopped"] == "completed"
+    assert 0.0 <= metrics["metrics/mAP50-95B"] <= 1.0
+    _, meta = checkpoint.load_model(paths.models("train") / "best")
+    assert meta["device"] == "xla" and meta["finished"] is True
