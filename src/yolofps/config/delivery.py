@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import urllib.parse
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -86,3 +87,17 @@ class MLflowConfig:
     tracking_uri: str = "sqlite:///mlflow.db"
     experiment: str = "yolofps"
     system_metrics: bool = True  # CPU/GPU/memory sampled by MLflow in the background
+
+    def __post_init__(self) -> None:
+        _check(bool(self.tracking_uri.strip()) and bool(self.experiment.strip()),
+               "mlflow.tracking_uri and mlflow.experiment must not be empty")
+        # params.yaml is committed and logged as run params: credentials belong in the environment
+        _check(_password(self.tracking_uri) is None, "mlflow.tracking_uri must not contain a password (params.yaml "
+               "is committed to git and logged): set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead")
+
+
+def _password(uri: str) -> str | None:
+    try:
+        return urllib.parse.urlsplit(uri).password
+    except ValueError:
+        return None

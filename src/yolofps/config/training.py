@@ -116,3 +116,11 @@ class TrainConfig:
         _check(0 <= self.mosaic <= 1 and 0 <= self.fliplr <= 1, "train.mosaic and train.fliplr must be in [0, 1]")
         _check(self.close_mosaic >= 0 and self.patience >= 1, "train.close_mosaic >= 0 and train.patience >= 1")
         _check(0 <= self.conf < 1 and 0 < self.iou <= 1, "train.conf must be in [0, 1) and train.iou in (0, 1]")
+        _check(self.nominal_batch >= 1 and self.max_det >= 1 and self.sample_images >= 0,
+               "train.nominal_batch >= 1, train.max_det >= 1 and train.sample_images >= 0")
+        _check(0 <= self.momentum < 1 and 0 <= self.warmup_momentum < 1, "train.momentum and train.warmup_momentum "
+               "must be in [0, 1)")
+        _check(self.weight_decay >= 0 and self.warmup_epochs >= 0 and self.grad_clip >= 0,
+               "train.weight_decay, train.warmup_epochs and train.grad_clip must be >= 0")
+        _check(min(self.box, self.obj, self.cls) >= 0 and self.anchor_t > 0,
+               "train.box, train.obj and train.cls must be >= 0 and train.anchor_t > 0")
