@@ -13,9 +13,7 @@ import datetime as dt
 import json
 import logging
 import os
-import re
 import time
-import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -23,6 +21,7 @@ from typing import Any, Callable, Iterator
 from yolofps.config import GatesConfig, MLflowConfig
 from yolofps.errors import YolofpsError
 from yolofps.lineage import PARENT_RUN_ENV
+from yolofps.redact import redact, redact_text, redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -35,39 +34,6 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     for key, value in data.items():
         flat |= flatten(value, f"{prefix}{key}.")
     return flat
-
-
-def redact_uri(uri: str) -> str:
-    """The URI with a password (and token-like query values) replaced by ***, for logs, params and tags."""
-    try:
-        parts = urllib.parse.urlsplit(uri)
-        netloc = parts.netloc
-        if parts.password is not None:
-            netloc = f"{parts.username}:***@{netloc.rpartition('@')[2]}"
-    except ValueError:
-        return "***"
-    pairs = urllib.parse.parse_qsl(parts.query, keep_blank_values=True)
-    if netloc == parts.netloc and not any(_secret_key(k) for k, _ in pairs):
-        return uri
-    query = urllib.parse.urlencode([(k, "***" if _secret_key(k) else v) for k, v in pairs], safe="*")
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc, query=query))
-
-
-def _secret_key(name: str) -> bool:
-    return any(word in name.lower() for word in ("password", "token", "secret", "key", "signature"))
-
-
-_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"()<>]+")
-
-
-def redact_text(text: str) -> str:
-    """Text with every URI in it redacted (error messages quote the URL they failed on)."""
-    return _URI.sub(lambda match: redact_uri(match.group()), text)
-
-
-def redact(data: dict[str, Any]) -> dict[str, Any]:
-    """Flat params or tags with their string values redacted, so a credential never reaches MLflow."""
-    return {k: redact_text(v) if isinstance(v, str) else v for k, v in data.items()}
 
 
 def _short(err: Exception) -> str:

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import re
-import urllib.parse
 from dataclasses import dataclass, field
 from typing import Literal
 
 from yolofps.config.common import _check
+from yolofps.redact import has_secret
 
 
 BENCH_MODES = ("eager", "channels_last", "trace", "compile", "onnxruntime", "fp16", "bf16", "cudagraph")
@@ -92,12 +92,6 @@ class MLflowConfig:
         _check(bool(self.tracking_uri.strip()) and bool(self.experiment.strip()),
                "mlflow.tracking_uri and mlflow.experiment must not be empty")
         # params.yaml is committed and logged as run params: credentials belong in the environment
-        _check(_password(self.tracking_uri) is None, "mlflow.tracking_uri must not contain a password (params.yaml "
-               "is committed to git and logged): set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD instead")
-
-
-def _password(uri: str) -> str | None:
-    try:
-        return urllib.parse.urlsplit(uri).password
-    except ValueError:
-        return None
+        _check(not has_secret(self.tracking_uri), "mlflow.tracking_uri must not contain a password or token "
+               "(params.yaml is committed to git and logged): set MLFLOW_TRACKING_USERNAME and "
+               "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment instead")
