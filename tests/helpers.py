@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 from yolofps.data.synthetic import SyntheticSpec
@@ -39,3 +43,53 @@ def run_cmd(args: list[str], cwd: Path, check: bool = True) -> subprocess.Comple
     if check:
         assert result.returncode == 0, f"{args} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
     return result
+
+
+def make_project(root: Path) -> Path:
+    """Create the throwaway git + DVC project at `root` (also used by module-scoped fixtures)."""
+    from tasks.dvc import apply_overrides
+
+    root.mkdir()
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
+        shutil.copy(PROJECT_ROOT / name, root / name)
+    shutil.copytree(PROJECT_ROOT / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    run_cmd(["git", "init", "-q"], root)
+    run_cmd([sys.executable, "-m", "dvc", "init", "-q"], root)
+    run_cmd([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], root)
+    apply_overrides(root / "params.yaml", TINY_PARAMS)
+    return root
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (closed again when returned)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_url(url: str, process: subprocess.Popen, timeout: float = 120) -> None:
+    """Poll `url` until it answers; fail if `process` (the server) exits first or time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            assert process.poll() is None and time.monotonic() < deadline, f"{url} did not come up"
+            time.sleep(0.5)
+
+
+def start_mlflow_server(folder: Path) -> tuple[subprocess.Popen, str]:
+    """A real `mlflow server` on a free loopback port over an SQLite store in `folder`; returns (process, uri).
+
+    It runs in its own process group, so `os.killpg(process.pid, ...)` stops it and its workers.
+    """
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
+         "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"], env=tool_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    wait_for_url(f"{uri}/health", process)
+    return process, uri
