@@ -273,13 +273,14 @@ def test_mlflow_ui_shows_the_version_and_its_alias_in_a_real_browser(pipeline, t
 
 RACER = """
 import json, sys, time
+from pathlib import Path
 from yolofps.config import load_config
 from yolofps.paths import Paths
 from yolofps.stages import register
 params, overrides, root, start_at = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], float(sys.argv[4])
 cfg = load_config(params, overrides)
 time.sleep(max(0.0, start_at - time.time()))  # both racers enter register.run at the same moment
-print(json.dumps(register.run(cfg, Paths(root)).metrics))
+print(json.dumps(register.run(cfg, Paths(Path(root))).metrics))
 """
 
 
