@@ -245,9 +245,8 @@ def register_model(cfg: MLflowConfig, model_name: str, *, content_hash: str, log
     import mlflow
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=cfg.tracking_uri)
-
     def attempt() -> Registration:
+        client = MlflowClient(tracking_uri=cfg.tracking_uri)  # inside the retries: opening a store can fail too
         try:
             client.get_registered_model(model_name)
         except mlflow.exceptions.MlflowException as err:
