@@ -318,9 +318,10 @@ def test_two_registrations_at_once_give_one_version_per_content_and_a_consistent
     bench = json.loads((root / "metrics" / "bench.json").read_text())
     others = [v["name"] for v in bench["variants"] if v["name"] != bench["selected"]["name"] and v["status"] != "failed"]
     different = race(root, [{"mlflow.tracking_uri": store, "register.variant": variant} for variant in others[:2]])
-    assert sorted(r["version"] for r in different) == [2, 3] and all(r["reused"] == 0 for r in different)
+    new = sorted(r["version"] for r in different)
+    assert len(set(new)) == 2 and min(new) > 1 and all(r["reused"] == 0 for r in different)
     versions = {int(v.version): v for v in client.search_model_versions(f"name = '{NAME}'")}
-    assert sorted(versions) == [1, 2, 3]
+    assert sorted(versions) == [1, *new]  # (the deleted twin's number is not reused)
     assert len({v.tags["content_hash"] for v in versions.values()}) == 3
     challenger = client.get_model_version_by_alias(NAME, "challenger")
-    assert int(challenger.version) in (2, 3) and challenger.tags["variant"] in others[:2]
+    assert int(challenger.version) in new and challenger.tags["variant"] in others[:2]

@@ -96,7 +96,8 @@ def run_job(cfg: Config, train: TrainConfig, data: Data, model: YOLOv5, objectiv
 
 def resume_state(checkpoints: Path, section_hash: str, *, force: bool) -> dict[str, Any] | None:
     """Resume when forced, or when the last run with the same params stopped before its last epoch."""
-    last = checkpoint.recover(checkpoints / "last")  # a kill between the two renames of a save
+    checkpoint.recover(checkpoints / "best")  # undo a kill between the two renames of a save
+    last = checkpoint.recover(checkpoints / "last")
     if not (last / checkpoint.STATE).is_file():
         return None
     # never resume from (nor silently discard) a damaged checkpoint: the error names the file and the way out
@@ -129,9 +130,9 @@ def epoch_callback(checkpoints: Path, history_csv: Path, meta: dict[str, Any],
 
     def on_epoch_end(model, state: FitState, end: EpochEnd) -> None:
         epoch_meta = meta | {"epoch": state.epoch, "metrics": end.record, "finished": False}
-        checkpoint.save_model(checkpoints / "last", model, epoch_meta, state=end.resume_state())
-        if end.is_best:
+        if end.is_best:  # best before last: a kill between them must not leave a resume point without its best
             checkpoint.save_model(checkpoints / "best", model, epoch_meta)
+        checkpoint.save_model(checkpoints / "last", model, epoch_meta, state=end.resume_state())
         write_history(history_csv, state.history)
         tracking.log_metrics({k: v for k, v in end.record.items() if k != "epoch"}, step=state.epoch)
         line = "  ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in end.record.items() if k != "epoch")
