@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
              "full_runs_s": [round(x, 2) for x in full[door]], "noop_runs_s": [round(x, 2) for x in noop[door]]}
             for door in DOORS]
     ratio = rows[1]["full_s"] / rows[0]["full_s"]
-    print(f"\n| door | full run (s) | no-op run (s) |\n|---|---|---|")
+    print("\n| door | full run (s) | no-op run (s) |\n|---|---|---|")
     for row in rows:
         print(f"| {row['door']} | {row['full_s']:.1f} | {row['noop_s']:.1f} |")
     print(f"\nflow / dvc repro, full run: {ratio:.3f}x (goal <= 1.10); "

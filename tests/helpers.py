@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 from yolofps.data.synthetic import SyntheticSpec
@@ -55,3 +58,38 @@ def make_project(root: Path) -> Path:
     run_cmd([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], root)
     apply_overrides(root / "params.yaml", TINY_PARAMS)
     return root
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (closed again when returned)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_url(url: str, process: subprocess.Popen, timeout: float = 120) -> None:
+    """Poll `url` until it answers; fail if `process` (the server) exits first or time runs out."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            assert process.poll() is None and time.monotonic() < deadline, f"{url} did not come up"
+            time.sleep(0.5)
+
+
+def start_mlflow_server(folder: Path) -> tuple[subprocess.Popen, str]:
+    """A real `mlflow server` on a free loopback port over an SQLite store in `folder`; returns (process, uri).
+
+    It runs in its own process group, so `os.killpg(process.pid, ...)` stops it and its workers.
+    """
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
+         "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+         "--workers", "1"], env=tool_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    wait_for_url(f"{uri}/health", process)
+    return process, uri

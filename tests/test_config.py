@@ -86,3 +86,58 @@ def test_overrides_parse_values_as_yaml_like_dvc(tmp_path):
 def test_bad_overrides_are_clear_errors(tmp_path, override, match):
     with pytest.raises(ConfigError, match=match):
         load_config(write(tmp_path, "seed: 0\n"), [override])
+
+
+def test_malformed_yaml_names_file_line_and_column(tmp_path):
+    path = write(tmp_path, "seed: 1\ntrain:\n  epochs: [3,\n  imgsz: 64\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}:5:1:") and "not valid YAML" in message and "line 3" in message
+    assert "\n" not in message  # one line, not the parser's excerpt of the file
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.epochs=-1", "train.epochs"),
+    ("train.epochs=0", "train.epochs"),
+    ("train.imgsz=100", "train.imgsz"),
+    ("train.imgsz=0", "train.imgsz"),
+    ("train.batch=0", "train.batch"),
+    ("train.momentum=1.5", "train.momentum"),
+    ("train.weight_decay=-0.1", "train.weight_decay"),
+    ("train.resume=1", "train.resume"),
+    ("train.optimizer=true", "train.optimizer"),  # a Literal: true is not the string "true"
+    ("prune.ratios=[1.0]", "prune.ratios"),
+    ("prune.ratios=[0.0]", "prune.ratios"),
+    ("prune.ratios=[0.5, 0.5]", "prune.ratios"),
+    ("prune.ratios=0.5", "prune.ratios"),
+    ("distill.ratio=0.4", "distill.ratio"),
+    ("bench.modes=[eager, turbo]", "bench.modes"),
+    ("register.model_name=my model", "register.model_name"),
+    ("register.gates.map_tolerance=2", "register.gates.map_tolerance"),
+    ("mlflow.tracking_uri=", "mlflow.tracking_uri"),
+    ("device=tpu", "device"),
+    ("data.val_fraction=1", "data.val_fraction"),
+])
+def test_impossible_values_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        load_config(PROJECT_ROOT / "params.yaml", [override])
+
+
+@pytest.mark.parametrize("text, key", [
+    ("train:\n  epochs: -3\n", "train.epochs"),
+    ("train:\n  imgsz: 100\n", "train.imgsz"),
+    ("train:\n  epocs: 3\n", "train.epocs"),
+    ("train: [\n", "params.yaml:2:"),
+    ("\x89PNG\r\n\x1a\n\x00\x00", "params.yaml"),
+])
+def test_the_cli_stops_before_any_work_with_one_message_and_exit_2(tmp_path, monkeypatch, capsys, text, key):
+    from yolofps import cli
+
+    (tmp_path / "params.yaml").write_bytes(text.encode("latin-1"))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["train"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("yolofps: error:") and key in err and "Traceback" not in err
+    assert err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # nothing was written

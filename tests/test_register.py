@@ -9,17 +9,15 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from helpers import PROJECT_ROOT, TINY_PARAMS, tool_env
+from helpers import PROJECT_ROOT, TINY_PARAMS, free_port, tool_env, wait_for_url
 from yolofps.config import GatesConfig, load_config
 from yolofps.data import formats
 from yolofps.errors import YolofpsError
@@ -189,23 +187,17 @@ def test_unknown_variant_is_a_named_error(pipeline):
         register.run(with_register(cfg, variant="nope/eager-fp32"), Paths(root))
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_against_a_real_server_then_an_outage(pipeline, tmp_path):
     """Register through `mlflow server`; with the server stopped, retries end in a clear error, files intact."""
     root, cfg = pipeline
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
          "--artifacts-destination", str(tmp_path / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1"], env=tool_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     uri = f"http://127.0.0.1:{port}"
     try:
-        _wait_for(f"{uri}/health", server)
+        wait_for_url(f"{uri}/health", server)
         remote = dataclasses.replace(cfg, mlflow=dataclasses.replace(cfg.mlflow, tracking_uri=uri))
         result = register.run(remote, Paths(root))
         import mlflow
@@ -249,7 +241,7 @@ def test_mlflow_ui_shows_the_version_and_its_alias_in_a_real_browser(pipeline, t
     params = tmp_path / "params.yaml"
     params.write_text((PROJECT_ROOT / "params.yaml").read_text().replace(
         "tracking_uri: sqlite:///mlflow.db", f"tracking_uri: {cfg.mlflow.tracking_uri}"))
-    port = _free_port()
+    port = free_port()
     ui = subprocess.Popen([sys.executable, "-m", "yolofps.cli", "ui", "--port", str(port), "--params", str(params)],
                           env=tool_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     chromium, chromedriver = _chromium()
@@ -261,7 +253,7 @@ def test_mlflow_ui_shows_the_version_and_its_alias_in_a_real_browser(pipeline, t
         options.add_argument(flag)
     browser = None
     try:
-        _wait_for(f"http://127.0.0.1:{port}/health", ui)
+        wait_for_url(f"http://127.0.0.1:{port}/health", ui)
         browser = webdriver.Chrome(service=Service(chromedriver), options=options)
         browser.get(f"http://127.0.0.1:{port}/#/models/{NAME}")
         WebDriverWait(browser, 60).until(lambda b: f"Version {version}" in b.find_element(By.TAG_NAME, "body").text)
@@ -279,12 +271,57 @@ def test_mlflow_ui_shows_the_version_and_its_alias_in_a_real_browser(pipeline, t
         ui.wait(timeout=30)
 
 
-def _wait_for(url: str, process: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except OSError:
-            assert process.poll() is None and time.monotonic() < deadline, f"{url} did not come up"
-            time.sleep(0.5)
+RACER = """
+import json, sys, time
+from pathlib import Path
+from yolofps.config import load_config
+from yolofps.paths import Paths
+from yolofps.stages import register
+params, overrides, root, start_at = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3], float(sys.argv[4])
+cfg = load_config(params, overrides)
+time.sleep(max(0.0, start_at - time.time()))  # both racers enter register.run at the same moment
+print(json.dumps(register.run(cfg, Paths(Path(root))).metrics))
+"""
+
+
+def race(root, overrides_each: list[dict]) -> list[dict]:
+    """Run register.run in one process per overrides dict, all starting together; their metrics."""
+    start_at = time.time() + 20  # after both have imported torch and mlflow
+    racers = [subprocess.Popen([sys.executable, "-c", RACER, str(PROJECT_ROOT / "params.yaml"),
+                                json.dumps(PARAMS | overrides), str(root), str(start_at)],
+                               env=tool_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+              for overrides in overrides_each]
+    results = []
+    for racer in racers:
+        out, err = racer.communicate(timeout=300)
+        assert racer.returncode == 0, err[-3000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return results
+
+
+@pytest.mark.slow
+def test_two_registrations_at_once_give_one_version_per_content_and_a_consistent_alias(pipeline, tmp_path):
+    from mlflow import MlflowClient
+
+    root, _ = pipeline
+    store = f"sqlite:///{tmp_path / 'race.db'}"
+    client = MlflowClient(store)
+    client.search_experiments()  # the store exists before the race (two first users racing its migrations crash)
+    same = race(root, [{"mlflow.tracking_uri": store}] * 2)  # the same model content twice
+    runs = client.search_runs([client.get_experiment_by_name("yolofps").experiment_id], "attributes.run_name = 'register'")
+    assert len(runs) == 2  # both raced past the "already registered?" check and logged a model
+    versions = client.search_model_versions(f"name = '{NAME}'")
+    assert [int(v.version) for v in versions] == [1]  # the later twin removed itself
+    assert {r["version"] for r in same} == {1} and sorted(r["reused"] for r in same) == [0, 1]
+    assert int(client.get_model_version_by_alias(NAME, "challenger").version) == 1
+
+    bench = json.loads((root / "metrics" / "bench.json").read_text())
+    others = [v["name"] for v in bench["variants"] if v["name"] != bench["selected"]["name"] and v["status"] != "failed"]
+    different = race(root, [{"mlflow.tracking_uri": store, "register.variant": variant} for variant in others[:2]])
+    new = sorted(r["version"] for r in different)
+    assert len(set(new)) == 2 and min(new) > 1 and all(r["reused"] == 0 for r in different)
+    versions = {int(v.version): v for v in client.search_model_versions(f"name = '{NAME}'")}
+    assert sorted(versions) == [1, *new]  # (the deleted twin's number is not reused)
+    assert len({v.tags["content_hash"] for v in versions.values()}) == 3
+    challenger = client.get_model_version_by_alias(NAME, "challenger")
+    assert int(challenger.version) in new and challenger.tags["variant"] in others[:2]

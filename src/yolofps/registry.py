@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator
 from yolofps.config import GatesConfig, MLflowConfig
 from yolofps.errors import TransientError, YolofpsError
 from yolofps.lineage import PARENT_RUN_ENV
+from yolofps.redact import redact, redact_text, redact_uri
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,11 @@ def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
     for key, value in data.items():
         flat |= flatten(value, f"{prefix}{key}.")
     return flat
+
+
+def _short(err: Exception) -> str:
+    """An exception for a log line or message: its type and the start of its text, URIs redacted."""
+    return redact_text(f"{type(err).__name__}: {str(err)[:300]}")
 
 
 def resolve_tracking_uri(uri: str, root: Path) -> str:
@@ -61,7 +67,8 @@ def pipeline_parent_run(cfg: MLflowConfig, root: Path, *, name: str, tags: dict[
         for key, value in (params or {}).items():
             client.log_param(run_id, key, str(value)[:6000])
     except Exception as err:
-        log.warning("MLflow tracking unavailable at %s (%s); stage runs will not be grouped", cfg.tracking_uri, err)
+        log.warning("MLflow tracking unavailable at %s (%s); stage runs will not be grouped",
+                    redact_uri(cfg.tracking_uri), _short(err))
         yield None
         return
     status = "FAILED"
@@ -87,33 +94,41 @@ def log_to_parent_run(cfg: MLflowConfig, path: Path, artifact_path: str) -> None
         else:
             client.log_artifact(parent, str(path), artifact_path)
     except Exception as err:
-        log.warning("MLflow: logging %s to the pipeline run failed (%s); continuing", path, err)
+        log.warning("MLflow: logging %s to the pipeline run failed (%s); continuing", path, _short(err))
 
 
 class TrackingRun:
-    """One MLflow run for a stage: params and tags at start, metrics per epoch, artifacts at the end."""
+    """One MLflow run for a stage: params and tags at start, metrics per epoch, artifacts at the end.
+
+    The first failed call (the server went down mid-run) turns tracking off for the rest of the run with one
+    warning: a dead server then costs seconds once, not a stall every epoch.
+    """
 
     def __init__(self, cfg: MLflowConfig, *, run_name: str, params: dict[str, Any], tags: dict[str, str]) -> None:
         self.run_id: str | None = None
+        self.failed = False
         self.tracking_uri = cfg.tracking_uri
+        _quiet_http_retries()  # MLflow's own HTTP retries held training ~4 minutes when the server was down
         try:
             import mlflow
 
             mlflow.set_tracking_uri(cfg.tracking_uri)
             mlflow.set_experiment(cfg.experiment)
-            run = mlflow.start_run(run_name=run_name, tags=tags, parent_run_id=os.environ.get(PARENT_RUN_ENV) or None,
+            run = mlflow.start_run(run_name=run_name, tags=redact(tags),
+                                   parent_run_id=os.environ.get(PARENT_RUN_ENV) or None,
                                    log_system_metrics=cfg.system_metrics)
             self.run_id = run.info.run_id
-            items = list(flatten(params).items())
+            items = list(redact(flatten(params)).items())
             for start in range(0, len(items), 100):  # MLflow caps params per batch call
                 mlflow.log_params(dict(items[start:start + 100]))
         except Exception as err:  # tracking is best-effort: the stage's files are the record
-            log.warning("MLflow tracking unavailable at %s (%s); continuing without it", cfg.tracking_uri, err)
-            self.run_id = None
+            log.warning("MLflow tracking unavailable at %s (%s); continuing without it",
+                        redact_uri(cfg.tracking_uri), _short(err))
+            self.failed = True
 
     @property
     def active(self) -> bool:
-        return self.run_id is not None
+        return self.run_id is not None and not self.failed
 
     def _call(self, what: str, fn, *args, **kwargs) -> None:
         if not self.active:
@@ -121,7 +136,9 @@ class TrackingRun:
         try:
             fn(*args, **kwargs)
         except Exception as err:
-            log.warning("MLflow %s failed (%s); continuing", what, err)
+            log.warning("MLflow %s failed at %s (%s); tracking is off for the rest of this run, the stage's files "
+                        "on disk are its record", what, redact_uri(self.tracking_uri), _short(err))
+            self.failed = True
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         """Log numeric metrics at a step (called per epoch, never per batch)."""
@@ -142,13 +159,18 @@ class TrackingRun:
     def set_tags(self, tags: dict[str, str]) -> None:
         import mlflow
 
-        self._call("set_tags", mlflow.set_tags, tags)
+        self._call("set_tags", mlflow.set_tags, redact(tags))
 
     def end(self, status: str = "FINISHED") -> None:
-        """Close the run (FINISHED or FAILED)."""
+        """Close the run (FINISHED or FAILED); tried even after a failure, so this process's run stack is clean."""
         import mlflow
 
-        self._call("end_run", mlflow.end_run, status=status)
+        if self.run_id is None:
+            return
+        try:
+            mlflow.end_run(status=status)
+        except Exception as err:
+            log.warning("MLflow end_run failed (%s); the run stays RUNNING in the store", _short(err))
 
     def __enter__(self) -> TrackingRun:
         return self
@@ -199,14 +221,13 @@ def with_retries(what: str, fn: Callable[[], Any], *, uri: str, retries: int, ba
             raise
         except Exception as err:  # MLflow raises MlflowException, requests errors, SQLAlchemy errors...
             if str(getattr(err, "error_code", "")) in _PERMANENT:
-                raise RegistryError(f"{what}: {str(err)[:300]} (tracking URI {uri})") from None
+                raise RegistryError(f"{what}: {_short(err)} (tracking URI {redact_uri(uri)})") from None
             if attempt == retries:
                 raise RegistryUnavailable(
-                    f"{what} failed after {retries} attempts at {uri}: {type(err).__name__}: {str(err)[:300]}. "
+                    f"{what} failed after {retries} attempts at {redact_uri(uri)}: {_short(err)}. "
                     f"Every file on disk is intact; {then}") from None
             wait = backoff_s * 2 ** (attempt - 1)
-            log.warning("%s failed (%s: %s); retry %d/%d in %.1f s", what, type(err).__name__, str(err)[:200],
-                        attempt, retries - 1, wait)
+            log.warning("%s failed (%s); retry %d/%d in %.1f s", what, _short(err), attempt, retries - 1, wait)
             time.sleep(wait)
     raise AssertionError("unreachable")
 
@@ -232,9 +253,8 @@ def register_model(cfg: MLflowConfig, model_name: str, *, content_hash: str, log
     import mlflow
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=cfg.tracking_uri)
-
     def attempt() -> Registration:
+        client = MlflowClient(tracking_uri=cfg.tracking_uri)  # inside the retries: opening a store can fail too
         try:
             client.get_registered_model(model_name)
         except mlflow.exceptions.MlflowException as err:
@@ -254,7 +274,7 @@ def register_model(cfg: MLflowConfig, model_name: str, *, content_hash: str, log
         mlflow.set_tracking_uri(cfg.tracking_uri)
         mlflow.set_experiment(cfg.experiment)
         with mlflow.start_run(run_name="register", tags=run_tags,
-                              parent_run_id=os.environ.get(PARENT_RUN_ENV) or None) as run:
+                              parent_run_id=os.environ.get(PARENT_RUN_ENV) or None):
             info = mlflow.pyfunc.log_model(name="model", **log_model)
             mlflow.log_metrics(run_metrics)
             for path, artifact_path in run_artifacts:
@@ -264,13 +284,30 @@ def register_model(cfg: MLflowConfig, model_name: str, *, content_hash: str, log
                     mlflow.log_artifact(str(path), artifact_path)
             version = mlflow.register_model(info.model_uri, model_name, tags=version_tags | {
                 "content_hash": content_hash})
-        client.set_registered_model_alias(model_name, CHALLENGER, version.version)
-        return Registration(model_name, int(version.version), run.info.run_id,
-                            f"models:/{model_name}/{version.version}", reused=False)
+        kept = _keep_first(client, model_name, content_hash, version)
+        client.set_registered_model_alias(model_name, CHALLENGER, kept.version)
+        return Registration(model_name, int(kept.version), kept.run_id, f"models:/{model_name}/{kept.version}",
+                            reused=kept.version != version.version)
 
     return with_retries(f"registering {model_name}", attempt, uri=cfg.tracking_uri, retries=retries,
                         backoff_s=backoff_s, then="rerun the stage when the tracking server is back (the same model "
                         "content is registered once)")
+
+
+def _keep_first(client, model_name: str, content_hash: str, own):
+    """Settle a race of two registrations of the same content: the lowest version wins, a later twin is deleted.
+
+    The check-then-create above is not atomic. Each racer looks again after creating its version: the later one
+    always sees both and removes its own, so exactly one version per content remains and @challenger points at it.
+    """
+    twins = client.search_model_versions(f"name = '{model_name}' and tags.content_hash = '{content_hash}'")
+    first = min(twins, key=lambda v: int(v.version), default=own)
+    if int(first.version) < int(own.version):
+        log.warning("%s v%s duplicates v%s (registered at the same time); deleting v%s", model_name, own.version,
+                    first.version, own.version)
+        client.delete_model_version(model_name, own.version)
+        return first
+    return own
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from yolofps.config.common import _check
+from yolofps.redact import has_secret
 
 
 BENCH_MODES = ("eager", "channels_last", "trace", "compile", "onnxruntime", "fp16", "bf16", "cudagraph")
@@ -88,3 +89,11 @@ class MLflowConfig:
     tracking_uri: str = "sqlite:///mlflow.db"
     experiment: str = "yolofps"
     system_metrics: bool = True  # CPU/GPU/memory sampled by MLflow in the background
+
+    def __post_init__(self) -> None:
+        _check(bool(self.tracking_uri.strip()) and bool(self.experiment.strip()),
+               "mlflow.tracking_uri and mlflow.experiment must not be empty")
+        # params.yaml is committed and logged as run params: credentials belong in the environment
+        _check(not has_secret(self.tracking_uri), "mlflow.tracking_uri must not contain a password or token "
+               "(params.yaml is committed to git and logged): set MLFLOW_TRACKING_USERNAME and "
+               "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment instead")

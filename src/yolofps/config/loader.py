@@ -32,10 +32,28 @@ def read_params(path: Path) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        raise ConfigError(f"{_where(path, err)}: not valid YAML: {_yaml_problem(err)}") from None
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not a text file ({err.reason} at byte {err.start})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections, got {type(raw).__name__}")
     return raw
+
+
+def _where(path: Path, err: yaml.YAMLError) -> str:
+    """`file:line:column` of a YAML error (1-based, as editors count), or the file alone."""
+    mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+    return f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+
+
+def _yaml_problem(err: yaml.YAMLError) -> str:
+    """The parser's own words, without its multi-line excerpt of the file."""
+    parts = [getattr(err, "context", None), getattr(err, "problem", None)]
+    text = ", ".join(p for p in parts if p) or str(err).splitlines()[0]
+    context, problem = getattr(err, "context_mark", None), getattr(err, "problem_mark", None)
+    if context is not None and problem is not None and context.line != problem.line:
+        text += f" (the construct opened at line {context.line + 1})"  # an unclosed bracket is reported later
+    return text
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -106,7 +124,7 @@ def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, source=source, prefix=key + ".")
     if origin is Literal:
-        if value not in args:
+        if not any(value == a and type(value) is type(a) for a in args):  # 1 == True must not pass for true
             fail(f"one of {list(args)}")
         return value
     if origin in (typing.Union, types.UnionType):

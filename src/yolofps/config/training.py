@@ -130,3 +130,11 @@ class TrainConfig:
                "train.rdzv_endpoint must be host:port when train.nnodes > 1")
         _check(self.batch % (self.nproc_per_node * self.nnodes) == 0,
                "train.batch is the global batch: it must divide evenly by nproc_per_node * nnodes")
+        _check(self.nominal_batch >= 1 and self.max_det >= 1 and self.sample_images >= 0,
+               "train.nominal_batch >= 1, train.max_det >= 1 and train.sample_images >= 0")
+        _check(0 <= self.momentum < 1 and 0 <= self.warmup_momentum < 1, "train.momentum and train.warmup_momentum "
+               "must be in [0, 1)")
+        _check(self.weight_decay >= 0 and self.warmup_epochs >= 0 and self.grad_clip >= 0,
+               "train.weight_decay, train.warmup_epochs and train.grad_clip must be >= 0")
+        _check(min(self.box, self.obj, self.cls) >= 0 and self.anchor_t > 0,
+               "train.box, train.obj and train.cls must be >= 0 and train.anchor_t > 0")

@@ -3,6 +3,10 @@
 YOLO follows the ultralytics conventions: data.yaml with `path`, `train`, `val`, `names` (list or
 {id: name}) and optional `nc`; images under `.../images/...` with labels at the same place under
 `.../labels/...` as `<stem>.txt`, one `class cx cy w h` line per box, normalized to 0..1.
+
+A data.yaml (or COCO JSON) is confined to its own folder tree: `path:`, the split entries, image lists and
+(after symlinks are followed) every image and label must lie under the folder holding it. A data set handed in
+cannot make the pipeline read `/etc` or `../../secrets`.
 """
 
 from __future__ import annotations
@@ -30,6 +34,19 @@ class DataYaml:
     splits: dict[str, list[Path]]  # split -> folders or .txt image lists, resolved
     names: tuple[str, ...]
 
+    @property
+    def base(self) -> Path:
+        """The folder tree everything the data.yaml points at must stay in."""
+        return self.path.parent.resolve()
+
+
+def inside(path: Path, base: Path) -> bool:
+    """Whether `path`, with symlinks and `..` resolved, lies in `base` (a bad path string is outside)."""
+    try:
+        return path.resolve().is_relative_to(base)
+    except (OSError, ValueError, RuntimeError):  # embedded NUL, symlink loops, unknown ~user
+        return False
+
 
 def load_data_yaml(path: str | Path) -> DataYaml:
     """Parse and check a data.yaml; every problem is a DataSetError naming the key and the file."""
@@ -40,6 +57,8 @@ def load_data_yaml(path: str | Path) -> DataYaml:
         doc = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
         raise DataSetError(f"{path}: not valid YAML: {err}") from None
+    except UnicodeDecodeError as err:
+        raise DataSetError(f"{path}: not a text file ({err.reason} at byte {err.start})") from None
     if not isinstance(doc, dict):
         raise DataSetError(f"{path}: expected a mapping with keys path, train, val, names")
     missing = [key for key in ("train", "val", "names") if key not in doc]
@@ -52,14 +71,15 @@ def load_data_yaml(path: str | Path) -> DataYaml:
 
 
 def _parse_names(raw: Any, nc: Any, path: Path) -> tuple[str, ...]:
-    if isinstance(raw, dict):
-        try:
-            ids = sorted(int(k) for k in raw)
-        except (TypeError, ValueError):
-            raise DataSetError(f"{path}: names keys must be integer class ids, got {list(raw)}") from None
-        if ids != list(range(len(ids))):
-            raise DataSetError(f"{path}: names ids must be 0..{len(ids) - 1} without gaps, got {ids}")
-        names = tuple(str(raw[k] if k in raw else raw[str(k)]) for k in ids)
+    if isinstance(raw, dict) and raw:
+        if not all(isinstance(k, int) and not isinstance(k, bool) or isinstance(k, str) and k.strip().isdigit()
+                   for k in raw):
+            raise DataSetError(f"{path}: names keys must be integer class ids, got {list(raw)}")
+        by_id = {int(k): v for k, v in raw.items()}
+        ids = sorted(by_id)
+        if len(by_id) != len(raw) or ids != list(range(len(ids))):
+            raise DataSetError(f"{path}: names ids must be 0..{len(raw) - 1} without gaps or repeats, got {list(raw)}")
+        names = tuple(str(by_id[k]) for k in ids)
     elif isinstance(raw, list) and raw:
         names = tuple(str(n) for n in raw)
     else:
@@ -70,11 +90,16 @@ def _parse_names(raw: Any, nc: Any, path: Path) -> tuple[str, ...]:
 
 
 def _data_root(raw: Any, path: Path) -> Path:
-    """`path:` in data.yaml; relative paths are taken relative to the data.yaml's folder."""
+    """`path:` in data.yaml; relative to the data.yaml's folder, and confined to it."""
+    base = path.parent.resolve()
     if raw is None:
-        return path.parent.resolve()
-    root = Path(str(raw)).expanduser()
-    return (root if root.is_absolute() else path.parent / root).resolve()
+        return base
+    root = Path(str(raw))
+    root = root if root.is_absolute() else base / root
+    if not inside(root, base):
+        raise DataSetError(f"{path}: path {str(raw)!r} leads outside the data.yaml's folder {base}; put the "
+                           "data.yaml at (or above) the data set's root, or copy the data set under it")
+    return root.resolve()
 
 
 def _resolve_split(raw: Any, root: Path, split: str, path: Path) -> list[Path]:
@@ -83,8 +108,11 @@ def _resolve_split(raw: Any, root: Path, split: str, path: Path) -> list[Path]:
         raise DataSetError(f"{path}: {split} must be a folder, a .txt image list, or a list of them; got {raw!r}")
     resolved = []
     for entry in entries:
-        location = Path(entry).expanduser()
+        location = Path(entry)
         location = location if location.is_absolute() else root / location
+        if not inside(location, path.parent.resolve()):  # `..`, absolute paths and symlinks out are all refused
+            raise DataSetError(f"{path}: {split} entry {entry!r} leads outside the data.yaml's folder "
+                               f"{path.parent.resolve()}; a data set may only use files under it")
         if not location.exists():
             raise DataSetError(f"{path}: {split} points at {location}, which does not exist")
         resolved.append(location)
@@ -95,8 +123,11 @@ def list_images(location: Path) -> list[Path]:
     """Images of one split entry: a folder (searched recursively) or a .txt file of image paths."""
     if location.is_dir():
         return sorted(p for p in location.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    lines = [line.strip() for line in location.read_text().splitlines() if line.strip()]
-    return [(location.parent / line).resolve() if not Path(line).is_absolute() else Path(line) for line in lines]
+    try:
+        lines = [line.strip() for line in location.read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataSetError(f"{location}: not a readable image list ({err.__class__.__name__}: {err})") from None
+    return [location.parent / line if not Path(line).is_absolute() else Path(line) for line in lines]
 
 
 def label_path_for(image: Path) -> Path:

@@ -8,6 +8,7 @@ is fatal, raised as a `DataSetError`.
 from __future__ import annotations
 
 import math
+import os
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,6 +34,7 @@ POLICY = {
     "orphan_label": "ignored",
     "crowd_annotation": "ignored",
     "unplaced_annotation": "dropped",
+    "outside_data_set": "skipped image",  # a list entry, file_name or symlink leading out of the data set's folder
 }
 
 
@@ -130,7 +132,8 @@ def validate_yolo(data_yaml: str | Path, *, clip_tolerance: float = 0.02) -> Val
     splits = {}
     for split, locations in spec.splits.items():
         images = [image for location in locations for image in formats.list_images(location)]
-        splits[split] = [s for s in (_yolo_sample(i, spec.names, clip_tolerance, report, split) for i in images) if s]
+        kept = [image for image in images if _confined(image, spec.base, report, split)]
+        splits[split] = [s for s in (_yolo_sample(i, spec.names, clip_tolerance, report, split) for i in kept) if s]
         _count_split(report, split, splits[split])
         for location in locations:
             _report_orphans(location, images, report)
@@ -144,7 +147,10 @@ def validate_coco(path: Path, *, clip_tolerance: float, val_fraction: float, see
     for problem in problems:
         report.add(path, "unplaced_annotation", problem)
     samples = []
+    base = path.parent.resolve()
     for image in images:
+        if not _confined(image.path, base, report):
+            continue
         if image.crowd_skipped:
             report.add(image.path, "crowd_annotation", f"{image.crowd_skipped} iscrowd annotation(s) not used for training")
         if (size := _image_size(image.path, report)) is None:
@@ -180,6 +186,18 @@ def _yolo_sample(image: Path, names: tuple[str, ...], tolerance: float, report: 
         return None
     rows = parse_label_text(text, len(names), tolerance, report, file=label)
     return Sample(image, size[0], size[1], rows)
+
+
+def _confined(image: Path, base: Path, report: ValidationReport, split: str = "") -> bool:
+    """Whether an image and its label (symlinks followed) stay in the data set's folder; else reported, skipped."""
+    label = formats.label_path_for(image)
+    for path in (image, label):
+        if (path is image or os.path.lexists(path)) and not formats.inside(path, base):
+            report.add(image, "outside_data_set", f"{path} leads outside the data set folder {base}; not read")
+            if split:
+                report.counts[f"{split}/skipped_images"] += 1
+            return False
+    return True
 
 
 def _image_size(path: Path, report: ValidationReport) -> tuple[int, int] | None:

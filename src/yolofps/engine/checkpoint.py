@@ -29,9 +29,12 @@ class CheckpointError(YolofpsError):
     """A model artifact that cannot be loaded; the message names the file and what to do."""
 
 
-def save_model(folder: Path, model: YOLOv5, meta: dict[str, Any], state: dict[str, Any] | None = None) -> Path:
+def save_model(folder: str | Path, model: YOLOv5, meta: dict[str, Any],
+               state: dict[str, Any] | None = None) -> Path:
     """Write a model artifact folder atomically (plus optional resume state); returns the folder."""
+    folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(folder)
     tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
     try:
         model.spec.to_json(tmp / ARCH)
@@ -47,6 +50,23 @@ def save_model(folder: Path, model: YOLOv5, meta: dict[str, Any], state: dict[st
     return folder
 
 
+def _remove_stale_temps(folder: Path) -> None:
+    """Temp folders a killed save left behind (never trusted, only cleaned); a lone `.old` is put back first."""
+    recover(folder)
+    for stale in folder.parent.glob(f".{folder.name}.*"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def recover(folder: str | Path) -> Path:
+    """Undo a swap cut short between its two renames: `.name.old` (the complete previous artifact) goes back."""
+    folder = Path(folder)
+    old = folder.with_name(f".{folder.name}.old")
+    if not folder.exists() and old.is_dir():
+        os.replace(old, folder)
+    return folder
+
+
 def _replace_dir(new: Path, target: Path) -> None:
     """Swap `new` into `target`'s place; the old folder is removed only after the rename succeeded."""
     old = None
@@ -59,32 +79,41 @@ def _replace_dir(new: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def load_model(folder: Path) -> tuple[YOLOv5, dict[str, Any]]:
-    """Rebuild a model from its folder; any damaged file is a CheckpointError naming it."""
-    hint = "delete it and rerun the stage that produced it (for train: -S train.resume=false)"
-    try:
-        spec = ArchSpec.from_json(folder / ARCH)
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{folder / ARCH}: unreadable architecture ({err}); {hint}") from None
+HINT = "delete the folder and rerun the stage that produced it (`dvc repro --force <stage>`)"
+
+
+def load_model(folder: str | Path, *, hint: str = HINT) -> tuple[YOLOv5, dict[str, Any]]:
+    """Rebuild a model from its folder; any damaged file is a CheckpointError naming it and what to do."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: model folder not found; run the stage that produces it")
+    try:  # a garbled spec may fail in parsing or only when the layers are built; both are the file's fault
+        model = build_model(ArchSpec.from_json(folder / ARCH))
+    except Exception as err:
+        raise CheckpointError(f"{folder / ARCH}: unreadable architecture ({str(err)[:200]}); {hint}") from None
     try:
         meta = json.loads((folder / META).read_text())
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{folder / META}: unreadable metadata ({err}); {hint}") from None
-    model = build_model(spec)
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{folder / META}: metadata must be a JSON object; {hint}")
     try:
         weights = load_file(str(folder / WEIGHTS))
         model.load_state_dict(weights, strict=True)
-    except (OSError, SafetensorError, RuntimeError) as err:
+    except (OSError, SafetensorError, RuntimeError, ValueError) as err:
         raise CheckpointError(f"{folder / WEIGHTS}: weights do not load ({str(err)[:200]}); {hint}") from None
     return model, meta
 
 
-def load_state(folder: Path) -> dict[str, Any] | None:
+def load_state(folder: str | Path, *, hint: str = HINT) -> dict[str, Any] | None:
     """Resume state saved next to a model, or None if there is none (weights_only: no unpickling)."""
-    path = folder / STATE
+    path = Path(folder) / STATE
     if not path.is_file():
         return None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise CheckpointError(f"{path}: unreadable resume state ({err}); rerun with -S train.resume=false") from None
+        raise CheckpointError(f"{path}: unreadable resume state ({str(err)[:200]}); {hint}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("fit"), dict):
+        raise CheckpointError(f"{path}: not a yolofps resume state; {hint}")
+    return state

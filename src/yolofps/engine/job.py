@@ -94,6 +94,8 @@ def run_job(cfg: Config, train: TrainConfig, data: Data, model: YOLOv5, objectiv
                             world_size=info.world_size)
 
     resume = resume_state(checkpoints, meta["params_hash"], force=force_resume, verbose=info.is_main)
+    if resume is not None:
+        check_compatible(resume, model, checkpoints / "last")
     best, state = fit(model, objective, make_loader, lambda m: evaluate(m, data, info, train)[0].metrics(), loop,
                       info, resume=resume, on_epoch_end=epoch_callback(checkpoints, history_csv, meta, tracking),
                       fitness=fitness)
@@ -107,16 +109,32 @@ def run_job(cfg: Config, train: TrainConfig, data: Data, model: YOLOv5, objectiv
 
 def resume_state(checkpoints: Path, section_hash: str, *, force: bool, verbose: bool = True) -> dict[str, Any] | None:
     """Resume when forced, or when the last run with the same params stopped before its last epoch."""
-    last = checkpoints / "last"
+    checkpoint.recover(checkpoints / "best")  # undo a kill between the two renames of a save
+    last = checkpoint.recover(checkpoints / "last")
     if not (last / checkpoint.STATE).is_file():
         return None
-    _, meta = checkpoint.load_model(last)  # a damaged checkpoint fails here with a named error
-    state = checkpoint.load_state(last)
+    # never resume from (nor silently discard) a damaged checkpoint: the error names the file and the way out
+    hint = f"delete {last} to start this stage over from epoch 0 (rm -r {last}), or restore it from a backup"
+    _, meta = checkpoint.load_model(last, hint=hint)
+    state = checkpoint.load_state(last, hint=hint)
     if force or (not meta.get("finished", False) and meta.get("params_hash") == section_hash):
         if verbose:
             print(f"resuming from {last} after epoch {state['fit']['epoch']}", flush=True)
         return state
     return None
+
+
+def check_compatible(state: dict[str, Any], model: YOLOv5, last: Path) -> None:
+    """A forced resume into a different architecture is a named error, not a tensor-shape traceback."""
+    saved = state.get("model") or {}
+    expected = {name: tuple(value.shape) for name, value in model.state_dict().items()}
+    found = {name: tuple(getattr(value, "shape", ())) for name, value in saved.items()}
+    if found != expected:
+        differ = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
+        raise checkpoint.CheckpointError(
+            f"{last / checkpoint.STATE}: saved for a different architecture than this run's model ({len(differ)} "
+            f"tensors differ, e.g. {differ[0]}); rerun without -S train.resume=true to start over, or restore the "
+            "params the checkpoint was trained with")
 
 
 def epoch_callback(checkpoints: Path, history_csv: Path, meta: dict[str, Any],
@@ -126,9 +144,9 @@ def epoch_callback(checkpoints: Path, history_csv: Path, meta: dict[str, Any],
 
     def on_epoch_end(model, state: FitState, end: EpochEnd) -> None:
         epoch_meta = meta | {"epoch": state.epoch, "metrics": end.record, "finished": False}
-        checkpoint.save_model(checkpoints / "last", model, epoch_meta, state=end.resume_state())
-        if end.is_best:
+        if end.is_best:  # best before last: a kill between them must not leave a resume point without its best
             checkpoint.save_model(checkpoints / "best", model, epoch_meta)
+        checkpoint.save_model(checkpoints / "last", model, epoch_meta, state=end.resume_state())
         write_history(history_csv, state.history)
         tracking.log_metrics({k: v for k, v in end.record.items() if k != "epoch"}, step=state.epoch)
         line = "  ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in end.record.items() if k != "epoch")
