@@ -98,8 +98,8 @@ def apply_overrides(params_path: Path, overrides: dict[str, Any]) -> None:
 
     overrides = normalize_overrides(overrides)
     load_config(params_path, overrides)  # an unknown key or wrong type fails here, before anything is written
-    yaml = YAML()  # round-trip mode (a safe loader) preserves comments and key order
-    doc = yaml.load(params_path.read_text())
+    round_trip = YAML()  # round-trip mode (a safe loader: plain data + comments) preserves comments and key order
+    doc = round_trip.load(params_path.read_text())
     for key, value in overrides.items():
         *parents, leaf = key.split(".")
         node = doc
@@ -107,7 +107,7 @@ def apply_overrides(params_path: Path, overrides: dict[str, Any]) -> None:
             node = node.setdefault(part, {})
         node[leaf] = value
     buffer = StringIO()
-    yaml.dump(doc, buffer)
+    round_trip.dump(doc, buffer)
     write_text(params_path, buffer.getvalue())
 
 
