@@ -23,7 +23,7 @@ from flows.promote import promote as promote_flow
 from tasks.artifacts import publish
 from tasks.dvc import (accelerator_stages, apply_overrides, default_remote, dvc_pull, dvc_push, io_retries,
                        missing_outputs, run_stage, stage_order)
-from tasks.slots import ensure_gpu_limit, gpu_slot, needs_gpu
+from tasks.slots import ensure_gpu_limit, gpu_slot, needs_gpu, workspace_slot
 from yolofps.config import load_config
 from yolofps.lineage import PARENT_RUN_ENV, PIPELINE_RUN_ENV, PREFECT_FLOW_RUN_ENV
 from yolofps.registry import pipeline_parent_run
@@ -41,10 +41,17 @@ def pipeline(overrides: dict[str, Any] | None = None, pull: bool | None = None, 
     push: upload outputs to the default remote at the end. promote: "gates" runs the promotion gates after
     registering and moves @champion when they pass.
     """
-    logger = get_run_logger()
     if promote not in PROMOTE_POLICIES:
         raise ValueError(f"promote must be one of {PROMOTE_POLICIES}, got {promote!r}")
     root = Path(project_dir).resolve()
+    with workspace_slot(root):  # a second run on this folder waits here: DVC runs one repro per workspace
+        return _run(root, overrides or {}, pull, push, promote)
+
+
+def _run(root: Path, overrides: dict[str, Any], pull: bool | None, push: bool, promote: str
+         ) -> dict[str, dict[str, Any]]:
+    """The pipeline body, inside the workspace slot."""
+    logger = get_run_logger()
     if overrides:
         apply_overrides(root / "params.yaml", overrides)
         logger.info("params overrides applied: %s", overrides)
@@ -59,10 +66,10 @@ def pipeline(overrides: dict[str, Any] | None = None, pull: bool | None = None, 
         ensure_gpu_limit(cfg.prefect.gpu_slots)
     accelerated = accelerator_stages(root)
     run_id = str(flow_run.id or "local")
-    tags = {"pipeline_run_id": run_id, "prefect_flow_run_id": run_id, "overrides": str(overrides or {})}
+    tags = {"pipeline_run_id": run_id, "prefect_flow_run_id": run_id, "overrides": str(overrides)}
     runs = []
     with pipeline_parent_run(cfg.mlflow, root, name=f"pipeline-{flow_run.name or run_id[:8]}", tags=tags,
-                             params={f"override.{k}": v for k, v in (overrides or {}).items()}) as parent:
+                             params={f"override.{k}": v for k, v in overrides.items()}) as parent:
         env = {PIPELINE_RUN_ENV: run_id, PREFECT_FLOW_RUN_ENV: run_id} | ({PARENT_RUN_ENV: parent} if parent else {})
         try:
             for stage in order:
@@ -73,7 +80,7 @@ def pipeline(overrides: dict[str, Any] | None = None, pull: bool | None = None, 
     if promote == "gates":
         promotion = promote_flow(project_dir=str(root))
         logger.info("promotion: %s", "moved @champion" if promotion["moved"] else "@champion unchanged")
-    if push:
+    if push:  # last: a failed push fails the run but never the outputs the stages produced
         dvc_push.with_options(**retrying)(str(root))
     return {r["stage"]: r for r in runs}
 

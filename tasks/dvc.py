@@ -28,6 +28,8 @@ from yolofps.errors import EXIT_TEMPFAIL
 from yolofps.fileio import write_text
 
 LOCK_BUSY = "Unable to acquire lock"  # DVC's message when another DVC process holds the workspace
+# `dvc pull/push` answers that no retry changes: no remote, a remote path that is not a folder, no permission
+PERMANENT_TRANSFER_ERRORS = ("no remote specified", "Not a directory", "Permission denied", "config file error")
 
 
 class StageFailed(RuntimeError):
@@ -182,8 +184,9 @@ def _transfer(verb: str, project_dir: str, extra: list[str]) -> dict[str, Any]:
                                "Every output stays in the workspace.", transient=False)
     out = run_dvc([verb, *extra], project_dir, log=get_run_logger())
     if out.code != 0:
-        raise DvcCommandFailed(f"dvc {verb} to remote {remote!r} failed (exit {out.code}): {out.errors()}. "
-                               "The workspace and its outputs are unchanged.")
+        permanent = any(marker in line for line in out.lines for marker in PERMANENT_TRANSFER_ERRORS)
+        raise DvcCommandFailed(f"dvc {verb} with remote {remote!r} failed (exit {out.code}): {out.errors()}. "
+                               "The workspace and its outputs are unchanged.", transient=not permanent)
     return {"remote": remote, "seconds": out.seconds, "summary": out.lines[-1] if out.lines else ""}
 
 

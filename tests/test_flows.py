@@ -257,3 +257,25 @@ def test_prefect_yaml_deploys_the_pipeline_on_the_params_schedule():
     path, name = deployment["entrypoint"].split(":")
     assert (PROJECT_ROOT / path).is_file() and f"def {name}(" in (PROJECT_ROOT / path).read_text()
     assert os.environ.get("PREFECT_SERVER_ANALYTICS_ENABLED") == "false"
+
+
+def test_a_second_run_on_the_same_workspace_waits_for_the_first(flow_project, prefect_harness):
+    """The workspace slot: while one run holds the folder, another waits instead of failing on DVC's lock."""
+    from flows.pipeline import pipeline
+    from tasks.slots import workspace_slot
+
+    held = threading.Event()
+
+    def first_run_holding_the_workspace():
+        with workspace_slot(flow_project):
+            held.set()
+            time.sleep(8)
+
+    first = threading.Thread(target=first_run_holding_the_workspace)
+    first.start()
+    held.wait(timeout=30)
+    start = time.monotonic()
+    state = pipeline(pull=False, project_dir=str(flow_project), return_state=True)
+    waited = time.monotonic() - start
+    first.join()
+    assert state.is_completed() and waited >= 6, waited
