@@ -260,8 +260,12 @@ def register_model(cfg: MLflowConfig, model_name: str, *, content_hash: str, log
         except mlflow.exceptions.MlflowException as err:
             if "RESOURCE_DOES_NOT_EXIST" not in str(err.error_code):
                 raise
-            client.create_registered_model(model_name, description="YOLOv5 detectors registered by yolofps: "
-                                           "pre-processing, model and NMS in one pyfunc. @champion serves.")
+            try:
+                client.create_registered_model(model_name, description="YOLOv5 detectors registered by yolofps: "
+                                               "pre-processing, model and NMS in one pyfunc. @champion serves.")
+            except mlflow.exceptions.MlflowException as race:  # a concurrent registration created it first
+                if "RESOURCE_ALREADY_EXISTS" not in str(race.error_code):
+                    raise
         existing = client.search_model_versions(f"name = '{model_name}' and tags.content_hash = '{content_hash}'")
         if existing:
             found = max(existing, key=lambda v: int(v.version))
