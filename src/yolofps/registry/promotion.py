@@ -1,0 +1,126 @@
+"""Promotion: the gates a version must pass against @champion, moving the alias, and the history of moves."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from yolofps.config import GatesConfig, MLflowConfig
+from yolofps.registry.common import CHALLENGER, CHAMPION, HISTORY_PREFIX, _quiet_http_retries, with_retries
+
+
+@dataclass(frozen=True)
+class Gate:
+    """One promotion check and what it compared."""
+
+    name: str
+    passed: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """The outcome of `promote`: the candidate, the champion it was compared with, the gates, and what happened."""
+
+    model_name: str
+    candidate: int
+    champion: int | None
+    gates: list[Gate]
+    moved: bool
+    forced: bool
+
+    @property
+    def passed(self) -> bool:
+        return all(g.passed for g in self.gates)
+
+    def table(self) -> str:
+        lines = [f"{self.model_name}: candidate v{self.candidate} vs champion "
+                 f"{'v' + str(self.champion) if self.champion else '(none)'}"]
+        lines += [f"  [{'pass' if g.passed else 'FAIL'}] {g.name}: {g.detail}" for g in self.gates]
+        verdict = "moved @champion" if self.moved else "did not move @champion"
+        lines.append(f"  -> {verdict}{' (forced)' if self.forced else ''}")
+        return "\n".join(lines)
+
+
+def check_gates(candidate: dict[str, str], champion: dict[str, str] | None, gates: GatesConfig) -> list[Gate]:
+    """The promotion gates on two versions' tags (map50_95, fps_b1, device)."""
+    cand_map, cand_fps = float(candidate.get("map50_95", "nan")), float(candidate.get("fps_b1", "nan"))
+    checks = [Gate("mAP50-95 floor", cand_map >= gates.min_map50_95, f"{cand_map:.4f} >= {gates.min_map50_95}"),
+              Gate("FPS floor", cand_fps >= gates.min_fps_b1, f"{cand_fps:.1f} >= {gates.min_fps_b1}")]
+    if champion is None:
+        return checks
+    champ_map, champ_fps = float(champion.get("map50_95", "nan")), float(champion.get("fps_b1", "nan"))
+    checks.append(Gate("mAP50-95 vs champion", cand_map >= champ_map - gates.map_tolerance,
+                       f"{cand_map:.4f} >= {champ_map:.4f} - {gates.map_tolerance}"))
+    same_device = candidate.get("bench_device_name") == champion.get("bench_device_name")
+    if same_device:
+        need = champ_fps * (1 + gates.min_fps_gain)
+        checks.append(Gate("FPS vs champion", cand_fps >= need, f"{cand_fps:.1f} >= {champ_fps:.1f} x "
+                                                                 f"(1 + {gates.min_fps_gain}) = {need:.1f}"))
+    else:
+        checks.append(Gate("FPS vs champion", False, "measured on different devices "
+                           f"({candidate.get('bench_device_name')} vs {champion.get('bench_device_name')}): "
+                           "re-benchmark both on one device, or --force with a reason"))
+    return checks
+
+
+def promote(cfg: MLflowConfig, model_name: str, gates: GatesConfig, *, version: int | None = None,
+            alias: str = CHALLENGER, dry_run: bool = False, force: bool = False, reason: str = "",
+            user: str = "", retries: int = 3, backoff_s: float = 2.0) -> Promotion:
+    """Move @champion to a version when the gates pass against the current champion (or when forced)."""
+    _quiet_http_retries()
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=cfg.tracking_uri)
+
+    def attempt() -> Promotion:
+        candidate = (client.get_model_version(model_name, str(version)) if version is not None
+                     else client.get_model_version_by_alias(model_name, alias))
+        champion = _version_by_alias(client, model_name, CHAMPION)
+        if champion is not None and champion.version == candidate.version:
+            return Promotion(model_name, int(candidate.version), int(champion.version),
+                             [Gate("already champion", True, f"v{candidate.version} holds @champion")], False, False)
+        checks = check_gates(candidate.tags, champion.tags if champion else None, gates)
+        promo = Promotion(model_name, int(candidate.version), int(champion.version) if champion else None, checks,
+                          moved=False, forced=force and not all(g.passed for g in checks))
+        if dry_run or not (promo.passed or force):
+            return promo
+        now = dt.datetime.now(dt.timezone.utc)
+        record = {"version": int(candidate.version), "previous": int(champion.version) if champion else None,
+                  "at": now.isoformat(timespec="seconds"), "by": user, "reason": reason, "forced": promo.forced,
+                  "gates": {g.name: g.passed for g in checks}}
+        # history and version tags first, the alias last: a failure in between leaves @champion where it was
+        key = f"{HISTORY_PREFIX}{now.strftime('%Y%m%dT%H%M%S.%fZ')}.v{candidate.version}"  # unique per move
+        client.set_registered_model_tag(model_name, key, json.dumps(record))
+        promotion = {"promoted_at": record["at"], "promoted_by": user, "promotion_reason": reason or "gates passed",
+                     "promotion_forced": str(promo.forced).lower()}
+        for key, value in promotion.items():
+            client.set_model_version_tag(model_name, candidate.version, key, value)
+        client.set_registered_model_alias(model_name, CHAMPION, candidate.version)
+        return dataclasses.replace(promo, moved=True)
+
+    return with_retries(f"promoting {model_name}", attempt, uri=cfg.tracking_uri, retries=retries,
+                        backoff_s=backoff_s)
+
+
+def champion_history(cfg: MLflowConfig, model_name: str) -> list[dict[str, Any]]:
+    """Every @champion move, oldest first (answers "what was champion on date X")."""
+    from mlflow import MlflowClient
+
+    tags = MlflowClient(tracking_uri=cfg.tracking_uri).get_registered_model(model_name).tags
+    moves = sorted((k, v) for k, v in tags.items() if k.startswith(HISTORY_PREFIX))  # keys sort by time
+    return [json.loads(v) for _, v in moves]
+
+
+def _version_by_alias(client, model_name: str, alias: str):
+    import mlflow
+
+    try:
+        return client.get_model_version_by_alias(model_name, alias)
+    except mlflow.exceptions.MlflowException as err:
+        if "RESOURCE_DOES_NOT_EXIST" in str(err.error_code) or "INVALID_PARAMETER_VALUE" in str(err.error_code):
+            return None
+        raise
