@@ -64,3 +64,30 @@ def test_gpu_benchmark_runs_on_cpu(tmp_path):
             assert row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
     for batch in (1, 2):
         assert rows["cudagraph", batch]["status"] in {"failed", "skipped"} and rows["cudagraph", batch]["reason"]
+
+
+def test_deployment_levers_writes_stamped_json(tmp_path):
+    import cv2
+
+    import deployment_levers
+    from yolofps.engine import checkpoint
+    from yolofps.model.spec import preset
+    from yolofps.model.yolo import build_model
+
+    torch.manual_seed(0)
+    for name in ("baseline", "pruned"):
+        checkpoint.save_model(tmp_path / name, build_model(preset("tiny", 3)).eval(), {"job": name, "imgsz": 64})
+    (tmp_path / "images").mkdir()
+    rng = np.random.default_rng(0)
+    for i, (h, w) in enumerate([(48, 64), (64, 40)]):
+        cv2.imwrite(str(tmp_path / "images" / f"{i}.jpg"), rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+    out = tmp_path / "result.json"
+    args = ["--baseline", str(tmp_path / "baseline"), "--pruned", str(tmp_path / "pruned"),
+            "--images", str(tmp_path / "images"), "--runs", "3", "--out", str(out)]
+    assert deployment_levers.main(args) == 0
+    result = json.loads(out.read_text())
+    rows = {row["row"]: row["latency_ms_p50"] for row in result["results"]}
+    assert {f"{m}/{a}/{t}/{b}" for m in ("baseline", "pruned") for a in ("silu", "relu")
+            for t in ("all cores", "1 thread") for b in ("batch 1", "dynamic")
+            } | {"pre/now", "pre/before", "post/now", "post/before"} == set(rows)
+    assert all(ms > 0 for ms in rows.values()) and result["environment"]["cpu_cores"] >= 1

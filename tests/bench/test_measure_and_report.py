@@ -104,7 +104,8 @@ def test_plan_lists_cuda_only_modes_as_skipped_on_cpu():
 
 
 def _row(name, fps, map50_95, status="ok", baseline=False):
-    return {"name": name, "baseline": baseline, "model": name.split("/")[0], "runtime": "torch", "mode": "eager",
+    runtime = "onnxruntime" if "/onnxruntime" in name else "torch"
+    return {"name": name, "baseline": baseline, "model": name.split("/")[0], "runtime": runtime, "mode": "eager",
             "status": status, "device": "cpu", "dtype": "fp32", "imgsz": 320, "fps_b1": fps,
             "latency_ms_b1": {"p50": 1.0, "p95": 1.1, "p99": 1.2, "pre": 0.1, "model": 0.8, "post": 0.1},
             "throughput": {"1": fps}, "map50_95": map50_95, "map50": map50_95, "size_mb": 1.0, "params_m": 1.0,
@@ -184,3 +185,38 @@ def test_contract_rejects_what_readers_cannot_trust():
         contract.validate({**good, "variants": [rows[0] | {"status": "fast"}]})
     with pytest.raises(contract.BenchContractError, match="not a variant"):
         contract.validate({**good, "selected": {"name": "nope", "reason": "r"}})
+
+
+@pytest.mark.parametrize(("seed", "conf"), [(0, 0.25), (1, 0.05), (2, 0.5)])
+def test_deployment_postprocess_matches_the_evaluation_nms(seed, conf):
+    """The timed numpy/OpenCV post-processing gives the detections of `non_max_suppression` + `scale_boxes`."""
+    from yolofps.model.postprocess import non_max_suppression, scale_boxes
+
+    generator = torch.Generator().manual_seed(seed)
+    n, num_classes = 2000, 4
+    centres = torch.rand(n, 2, generator=generator) * 320
+    sizes = torch.rand(n, 2, generator=generator) * 60 + 4  # crowded: plenty of overlaps to suppress
+    pred = torch.cat((centres, sizes, torch.rand(n, 1 + num_classes, generator=generator)), 1)[None]
+    meta = measure.Letterboxed("x", (240, 320), ratio=1.0, pad=(0.0, 40.0))
+    deployment = measure.Deployment(imgsz=320, conf=conf, iou=0.45, max_det=100)
+    (got,) = measure.postprocess(pred, [meta], deployment)
+    (want,) = non_max_suppression(pred, conf, 0.45, max_det=100)
+    want[:, :4] = scale_boxes(want[:, :4], (320, 320), meta.orig_shape, ((1.0, 1.0), meta.pad))
+    assert 0 < len(got) == len(want) <= 100
+    np.testing.assert_allclose(got, want.numpy(), atol=1e-3)
+    (none,) = measure.postprocess(pred, [meta], measure.Deployment(imgsz=320, conf=0.9999))
+    assert none.shape == (0, 6)
+
+
+def test_onnx_rows_per_thread_setting_and_the_reference_is_the_fastest():
+    variants, _ = plan("train", ("eager", "onnxruntime"), CPU, ort_threads=(0, 1))
+    assert [v.name for v in variants] == ["train/eager-fp32", "train/onnxruntime-fp32", "train/onnxruntime-1t-fp32"]
+    assert [v.threads for v in variants] == [0, 0, 1]
+    rows = [_row("train/eager-fp32", 20.0, 0.6, baseline=True),
+            _row("train/onnxruntime-fp32", 50.0, 0.6), _row("train/onnxruntime-1t-fp32", 40.0, 0.6),
+            _row("prune-0.5/onnxruntime-1t-fp32", 100.0, 0.6)]
+    assert report.reference_row(rows)["name"] == "train/onnxruntime-fp32"
+    rows[2]["fps_b1"] = 60.0  # the baseline is credited with its own best thread setting too
+    report.add_speedups(rows)
+    assert report.reference_row(rows)["name"] == "train/onnxruntime-1t-fp32"
+    assert rows[3]["speedup_vs_onnx_b1"] == pytest.approx(100 / 60, abs=1e-3)

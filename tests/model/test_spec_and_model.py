@@ -148,3 +148,16 @@ def test_from_dict_rejects_bad_input():
         preset("q", 3)
     with pytest.raises(ValueError, match="non-positive"):
         dataclasses.replace(preset("tiny", 3), layers=(LayerSpec("Conv", 0), *preset("tiny", 3).layers[1:]))
+
+
+def test_activation_is_part_of_the_spec():
+    relu = dataclasses.replace(preset("tiny", 3), activation="relu")
+    assert ArchSpec.from_dict(relu.to_dict()) == relu
+    model = build_model(relu)
+    kinds = {type(m) for m in model.modules()}
+    assert torch.nn.ReLU in kinds and torch.nn.SiLU not in kinds
+    assert set(build_model(relu).state_dict()) == set(build_model(preset("tiny", 3)).state_dict())
+    written_before = {k: v for k, v in preset("tiny", 3).to_dict().items() if k != "activation"}
+    assert ArchSpec.from_dict(written_before).activation == "silu"  # arch.json files from earlier runs still load
+    with pytest.raises(ValueError, match="activation must be one of"):
+        dataclasses.replace(preset("tiny", 3), activation="gelu")

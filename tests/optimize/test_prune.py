@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -154,3 +155,33 @@ def test_gflops_drop(tiny):
     before, after = model_info(original, IMAGE_SIZE), model_info(pruned, IMAGE_SIZE)
     assert after["gflops"] < 0.6 * before["gflops"]
     assert after["params"] == _params(pruned)
+
+
+def test_prune_can_swap_the_activation_for_relu(tiny, tmp_path):
+    original, _, silu_pruned = tiny
+    relu_pruned = prune_model(original, ratio=0.5, image_size=IMAGE_SIZE, activation="relu")
+    assert relu_pruned.spec == dataclasses.replace(silu_pruned.spec, activation="relu")
+    assert not any(isinstance(m, nn.SiLU) for m in relu_pruned.modules())
+    for key, value in silu_pruned.state_dict().items():  # the same channels survive: only the activation differs
+        assert torch.equal(value, relu_pruned.state_dict()[key]), key
+    x = torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE)
+    assert _output_shapes(relu_pruned, x) == _output_shapes(original, x)
+    checkpoint.save_model(tmp_path / "relu", relu_pruned, {"job": "test"})
+    loaded, _ = checkpoint.load_model(tmp_path / "relu")
+    assert loaded.spec.activation == "relu"
+    assert prune_model(original, ratio=0.5, image_size=IMAGE_SIZE).spec.activation == "silu"  # None keeps it
+
+
+def test_relu_student_exports_without_separate_activation_passes(tiny, tmp_path):
+    """What ReLU is for: in ONNX every Conv block ends in a Relu that ONNX Runtime fuses into the conv; the only
+    Sigmoids left are the Detect decode's (one per level), where SiLU would add a Sigmoid and a Mul per block."""
+    import onnx
+
+    from yolofps.optimize.export import export_onnx
+
+    original, _, _ = tiny
+    relu_pruned = prune_model(original, ratio=0.5, image_size=IMAGE_SIZE, activation="relu").eval()
+    ops = [node.op_type for node in onnx.load(str(export_onnx(relu_pruned, tmp_path / "relu.onnx", IMAGE_SIZE))).graph.node]
+    blocks = sum(isinstance(m, nn.ReLU) for m in relu_pruned.modules())
+    assert ops.count("Relu") == blocks > 0
+    assert ops.count("Sigmoid") == len(relu_pruned.detect.m)

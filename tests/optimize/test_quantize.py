@@ -100,6 +100,16 @@ def test_ort_fp32_matches_torch(model: YOLOv5, fp32_path: Path, batch: int) -> N
     torch.testing.assert_close(output, reference, rtol=1e-4, atol=1e-4 * reference.abs().max().item())
 
 
+def test_ort_detector_fixes_the_batch_dimension_per_batch_size(fp32_path: Path) -> None:
+    detector = OrtDetector(fp32_path, threads=1)
+    assert detector.batch_dim == "batch"  # export_onnx's dynamic axis
+    for batch in (1, 3, 1):
+        images = torch.rand(batch, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(batch))
+        (dynamic,) = detector.session.run(None, {detector.input_name: images.numpy()})
+        torch.testing.assert_close(detector(images), torch.from_numpy(dynamic))
+    assert sorted(detector.sessions) == [1, 3]  # one fixed-shape session per batch size, reused
+
+
 def test_export_names_and_dynamic_batch(fp32_path: Path) -> None:
     graph = onnx.load(str(fp32_path)).graph
     assert [i.name for i in graph.input] == ["images"] and [o.name for o in graph.output] == ["predictions"]

@@ -35,6 +35,7 @@ VARIANT = {
         "params_m": _NUMBER,
         "gflops": _NUMBER,
         "speedup_b1": _NUMBER,
+        "threads": {"type": "integer", "minimum": 0},  # onnxruntime intra-op threads; 0 = environment.threads
         "reason": {"type": "string"},
         "artifact": {"type": "string"},
     },

@@ -3,7 +3,8 @@
 Pre-process: decode the image file (to RGB), letterbox to S×S, HWC→CHW, host→device, uint8 → float 0..1.
 Model: the variant under test (a torch module, a traced/compiled module or an onnxruntime session).
 Post-process: decode is in the model; NMS at deployment settings (conf, IoU, max_det) and boxes mapped back to
-the original image. Each phase ends with a device synchronization, so the split is wall time as a caller sees it.
+the original image, in numpy and OpenCV (the same rule as `model.postprocess.non_max_suppression`, which the mAP
+evaluation uses, without torch's per-op overhead). Each phase ends with a device synchronization, so the split is wall time as a caller sees it.
 The same pre- and post-processing code serves every variant; only the model differs.
 """
 
@@ -21,7 +22,7 @@ import torch
 from yolofps import device as dev
 from yolofps.data.dataset import letterbox
 from yolofps.errors import DataSetError
-from yolofps.model.postprocess import box_iou, non_max_suppression, scale_boxes
+from yolofps.model.postprocess import box_iou
 
 Detector = Callable[[torch.Tensor], torch.Tensor]  # float [B, 3, S, S] in 0..1 -> decoded [B, N, 5+nc]
 
@@ -51,7 +52,7 @@ def read_rgb(path: str | Path) -> np.ndarray:
     image = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if image is None:
         raise DataSetError(f"{path}: not a readable image")
-    return np.ascontiguousarray(image[:, :, ::-1])
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)  # 0.03 ms at 320 px; a numpy [..., ::-1] copy took 0.3 ms
 
 
 def preprocess(images: Sequence[Path | str | np.ndarray], imgsz: int, info: dev.DeviceInfo
@@ -72,14 +73,27 @@ def preprocess(images: Sequence[Path | str | np.ndarray], imgsz: int, info: dev.
 
 def postprocess(predictions: torch.Tensor, metas: Sequence[Letterboxed], deployment: Deployment) -> list[np.ndarray]:
     """Decoded predictions -> per image [k, 6] (x1, y1, x2, y2, score, class) in original pixels, on the host."""
-    size = (deployment.imgsz, deployment.imgsz)
-    detections = non_max_suppression(predictions.float(), deployment.conf, deployment.iou, max_det=deployment.max_det)
-    out = []
-    for dets, meta in zip(detections, metas):
-        dets = dets.clone()
-        dets[:, :4] = scale_boxes(dets[:, :4], size, meta.orig_shape, ((meta.ratio, meta.ratio), meta.pad))
-        out.append(dets.cpu().numpy())
-    return out
+    return [_image_detections(pred, meta, deployment) for pred, meta in zip(predictions.float().cpu().numpy(), metas)]
+
+
+def _image_detections(pred: np.ndarray, meta: Letterboxed, deployment: Deployment) -> np.ndarray:
+    """One image's decoded [N, 5+nc] -> [k, 6] in its pixels: score = objectness x best class score above `conf`,
+    class-aware greedy NMS (OpenCV's NMSBoxesBatched), best `max_det` kept, mapped through the letterbox."""
+    pred = pred[pred[:, 4] > deployment.conf]  # objectness pre-filter, as non_max_suppression
+    class_scores = pred[:, 5:] * pred[:, 4:5]
+    labels = class_scores.argmax(1)
+    scores = class_scores[np.arange(len(pred)), labels]
+    keep = scores > deployment.conf
+    pred, scores, labels = pred[keep], scores[keep], labels[keep]
+    corner = pred[:, :2] - pred[:, 2:4] / 2  # OpenCV takes (x, y, w, h) with (x, y) the top-left corner
+    kept = cv2.dnn.NMSBoxesBatched(np.concatenate((corner, pred[:, 2:4]), 1).astype(np.float64), scores, labels,
+                                   deployment.conf, deployment.iou) if len(pred) else []
+    kept = np.asarray(kept, dtype=np.int64).reshape(-1)[: deployment.max_det]  # by decreasing score
+    boxes = np.concatenate((corner[kept], corner[kept] + pred[kept, 2:4]), 1)
+    pad = np.array([*meta.pad, *meta.pad], np.float32)
+    limits = np.array([meta.orig_shape[1], meta.orig_shape[0]] * 2, np.float32)
+    boxes = np.minimum(np.maximum((boxes - pad) / meta.ratio, 0), limits)  # letterbox -> original pixels, clipped
+    return np.concatenate((boxes, scores[kept, None], labels[kept, None]), 1).astype(np.float32)
 
 
 def detect(model: Detector, images: Sequence[Path | str | np.ndarray], deployment: Deployment,

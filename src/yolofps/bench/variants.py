@@ -31,14 +31,24 @@ class Variant:
     mode: str  # eager | channels_last | trace | compile | cudagraph
     dtype: str  # fp32 | fp16 | bf16 | int8
     device: str  # cpu | cuda | xla
+    threads: int = 0  # onnxruntime intra-op threads; 0 = the benchmark's thread setting
 
     @property
     def name(self) -> str:
+        """`prune-0.5/trace-fp32`, `train/onnxruntime-fp32`, `prune-0.5/onnxruntime-1t-fp32` (1 intra-op thread)."""
         suffix = self.runtime if self.runtime != "torch" else self.mode
+        if self.threads:
+            suffix += f"-{self.threads}t"
         return f"{self.model}/{suffix}-{self.dtype}"
 
 
-def plan(model_name: str, modes: tuple[str, ...], info: dev.DeviceInfo) -> tuple[list[Variant], list[dict[str, str]]]:
+def onnx_variants(model_name: str, dtype: str, ort_threads: tuple[int, ...]) -> list[Variant]:
+    """One onnxruntime row per intra-op thread setting of bench.ort_threads."""
+    return [Variant(model_name, "onnxruntime", "eager", dtype, "cpu", threads) for threads in ort_threads]
+
+
+def plan(model_name: str, modes: tuple[str, ...], info: dev.DeviceInfo, ort_threads: tuple[int, ...] = (0,)
+         ) -> tuple[list[Variant], list[dict[str, str]]]:
     """The variants of one torch model on this device, and the modes skipped here (with the reason)."""
     variants, skipped = [], []
     torch_runtime = "xla" if info.kind == "xla" else "torch"
@@ -46,7 +56,7 @@ def plan(model_name: str, modes: tuple[str, ...], info: dev.DeviceInfo) -> tuple
         if mode in CUDA_ONLY and info.kind != "cuda":
             skipped.append({"model": model_name, "mode": mode, "reason": f"needs CUDA (device is {info.kind})"})
         elif mode == "onnxruntime":
-            variants.append(Variant(model_name, "onnxruntime", "eager", "fp32", "cpu"))
+            variants += onnx_variants(model_name, "fp32", ort_threads)
         elif mode in ("fp16", "bf16"):
             variants.append(Variant(model_name, "torch", "channels_last", mode, info.kind))
         elif mode == "cudagraph":
@@ -137,7 +147,7 @@ def build(variant: Variant, model: YOLOv5 | None, info: dev.DeviceInfo, imgsz: i
             onnx_path = export_onnx(model, onnx_path, imgsz)
         # no spinning: idle onnxruntime workers busy-waiting after a run slowed the pre- and post-processing
         # around it 5-10x on a 2-core CPU (end to end yolov5n@320: 29 ms spinning vs 10 ms without)
-        return OrtDetector(onnx_path, threads=threads, spin=False)
+        return OrtDetector(onnx_path, threads=variant.threads or threads, spin=False)
     assert model is not None, variant
     net = copy.deepcopy(model).eval().to(info.device).to(_DTYPES[variant.dtype])
     channels_last = variant.mode in ("channels_last", "cudagraph") or info.kind == "cuda"

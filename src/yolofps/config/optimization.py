@@ -17,6 +17,7 @@ class PruneConfig:
     round_to: int = 8  # pruned widths stay multiples of this (SIMD / tensor-core friendly)
     iterative_steps: int = 1
     finetune_epochs: int = 10  # with the train section's hyperparameters (warm-up capped at 1 epoch)
+    activation: Literal["keep", "silu", "relu"] = "keep"  # of the pruned model (relu: fused Conv+ReLU in ORT)
 
     def __post_init__(self) -> None:
         _check(len(self.ratios) >= 1 and all(0 < r < 1 for r in self.ratios), "prune.ratios must be in (0, 1)")

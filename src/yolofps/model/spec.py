@@ -38,7 +38,11 @@ _LAYER_FIELDS: dict[str, tuple[str, ...]] = {
     "Upsample": (),
     "Concat": (),
 }
-_SPEC_FIELDS = ("name", "num_classes", "anchors", "strides", "layers")
+_SPEC_FIELDS = ("name", "num_classes", "anchors", "strides", "layers", "activation")
+# The activation of every Conv block. SiLU is upstream's; ReLU is the CPU deployment choice: ONNX Runtime fuses
+# Conv + ReLU into one kernel, while SiLU stays a separate pass over each feature map (yolov5n pruned 0.5 @320,
+# 1 thread: 4.6 -> 3.9 ms). Specs written before the field existed mean SiLU.
+ACTIVATIONS = ("silu", "relu")
 
 
 @dataclass(frozen=True)
@@ -87,8 +91,11 @@ class ArchSpec:
     anchors: tuple[tuple[float, ...], ...]  # per level: (w0, h0, w1, h1, ...) in input pixels
     strides: tuple[int, ...]  # per level, input pixels per grid cell
     layers: tuple[LayerSpec, ...]  # layers[i] describes model.i for i in 0..23
+    activation: str = "silu"  # of every Conv block: silu (upstream) | relu (fuses into the conv in ONNX Runtime)
 
     def __post_init__(self) -> None:
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {self.activation!r}")
         if self.num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {self.num_classes}")
         if len(self.anchors) != len(self.strides) or len({len(a) for a in self.anchors}) != 1:
@@ -116,18 +123,23 @@ class ArchSpec:
             "anchors": [list(row) for row in self.anchors],
             "strides": list(self.strides),
             "layers": [layer.to_dict() for layer in self.layers],
+            "activation": self.activation,
         }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ArchSpec:
         """Build from a dict; ValueError on unknown or missing keys and on ill-typed values."""
+        data = {"activation": "silu"} | data  # written before activations were configurable
         _check_keys(data, _SPEC_FIELDS, "ArchSpec")
         if not isinstance(data["name"], str):
             raise ValueError(f"ArchSpec.name must be a string, got {data['name']!r}")
         anchors = tuple(tuple(_float(v, "anchors") for v in row) for row in data["anchors"])
         strides = tuple(_int(v, "strides") for v in data["strides"])
         layers = tuple(LayerSpec.from_dict(layer, i) for i, layer in enumerate(data["layers"]))
-        return cls(data["name"], _int(data["num_classes"], "num_classes"), anchors, strides, layers)
+        if not isinstance(data["activation"], str):
+            raise ValueError(f"ArchSpec.activation must be a string, got {data['activation']!r}")
+        return cls(data["name"], _int(data["num_classes"], "num_classes"), anchors, strides, layers,
+                   data["activation"])
 
     def to_json(self, path: str | Path) -> None:
         """Write the spec as indented JSON."""

@@ -87,7 +87,7 @@ class YOLOv5(nn.Module):
         widths: list[int] = []  # output channels of each layer, to size the next one
         for i, layer in enumerate(spec.layers):
             in_channels = [widths[s] for s in _SOURCES.get(i, (-1,))] if widths else [3]  # RGB in
-            layers.append(_build_layer(i, layer, in_channels[0]))
+            layers.append(_build_layer(i, layer, in_channels[0], spec.activation))
             widths.append(sum(in_channels) if layer.kind in ("Upsample", "Concat") else layer.out_channels)
         anchors = torch.tensor(spec.anchors).view(len(spec.strides), spec.num_anchors, 2)
         detect_in = [widths[s] for s in _SOURCES[24]]
@@ -119,15 +119,15 @@ def _make_grid(height: int, width: int, like: torch.Tensor) -> torch.Tensor:
     return torch.stack((xv, yv), dim=-1).view(1, 1, height, width, 2) - 0.5  # [1, 1, H, W, 2]
 
 
-def _build_layer(index: int, layer: LayerSpec, in_channels: int) -> nn.Module:
+def _build_layer(index: int, layer: LayerSpec, in_channels: int, act: str) -> nn.Module:
     if layer.kind == "Conv":
         kernel, stride, padding = _CONV_GEOMETRY[index]
-        return Conv(in_channels, layer.out_channels, kernel, stride, padding)
+        return Conv(in_channels, layer.out_channels, kernel, stride, padding, act=act)
     if layer.kind == "C3":
         return C3(in_channels, layer.out_channels, layer.hidden_channels, layer.bypass_channels,
-                  layer.bottleneck_channels, shortcut=index < _BACKBONE_END)  # fmt: skip
+                  layer.bottleneck_channels, shortcut=index < _BACKBONE_END, act=act)  # fmt: skip
     if layer.kind == "SPPF":
-        return SPPF(in_channels, layer.out_channels, layer.hidden_channels)
+        return SPPF(in_channels, layer.out_channels, layer.hidden_channels, act=act)
     if layer.kind == "Upsample":
         return nn.Upsample(scale_factor=2, mode="nearest")
     return Concat(1)

@@ -9,6 +9,7 @@ spec, saved like any other (never a pickled module).
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import torch
 import torch_pruning as tp
@@ -41,9 +42,13 @@ def prune_model(
     round_to: int = 8,
     iterative_steps: int = 1,
     example_batch: torch.Tensor | None = None,
+    activation: str | None = None,
 ) -> YOLOv5:
     """A NEW YOLOv5 whose ArchSpec has ~`ratio` fewer channels per prunable group, with the surviving weights.
 
+    `activation` (spec.ACTIVATIONS) swaps every Conv block's activation in the result, e.g. SiLU -> ReLU for a
+    student that ONNX Runtime runs with fused Conv + ReLU kernels; activations hold no weights, so the surviving
+    weights carry over as they are and the fine-tune that follows adapts them. None keeps the model's.
     The input model is not modified (work on a deepcopy).
     """
     if not 0 <= ratio < 1:
@@ -58,7 +63,8 @@ def prune_model(
             example_batch = torch.zeros(1, 3, image_size, image_size)
         example_batch = example_batch.to(device=weight.device, dtype=weight.dtype)
         _prune_in_place(work, example_batch, scorer, ratio, round_to, iterative_steps)
-    pruned = build_model(spec_from_pruned(work))
+    spec = spec_from_pruned(work)
+    pruned = build_model(dataclasses.replace(spec, activation=activation or spec.activation))
     # strict: every key and shape must match, which proves the spec describes the pruned module exactly
     pruned.load_state_dict(work.state_dict(), strict=True)
     return pruned.to(device=weight.device, dtype=weight.dtype).train(model.training)
@@ -89,7 +95,7 @@ def spec_from_pruned(pruned: YOLOv5) -> ArchSpec:
     old = pruned.spec
     pairs = zip(pruned.model, old.layers)  # model.24 (Detect) has no LayerSpec: zip stops before it
     layers = tuple(_layer_spec(i, module, layer.kind) for i, (module, layer) in enumerate(pairs))
-    return ArchSpec(old.name, old.num_classes, old.anchors, old.strides, layers)
+    return ArchSpec(old.name, old.num_classes, old.anchors, old.strides, layers, old.activation)
 
 
 def _layer_spec(index: int, module: nn.Module, kind: str) -> LayerSpec:

@@ -34,6 +34,7 @@ class ServingConfig:
     iou: float = 0.45
     max_det: int = 300
     device: str = "auto"  # where a torch variant runs when loaded (onnxruntime variants run on the CPU)
+    threads: int = 0  # onnxruntime intra-op threads the variant was benchmarked with; 0 = onnxruntime's default
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ServingConfig:
@@ -49,7 +50,7 @@ class Detector:
         self.deployment = measure.Deployment(config.imgsz, config.conf, config.iou, config.max_det)
         wanted = "cpu" if config.runtime == "onnxruntime" else config.device
         self.info = dev.resolve(wanted, amp=False)
-        variant = Variant("served", config.runtime, config.mode, config.dtype, self.info.kind)
+        variant = Variant("served", config.runtime, config.mode, config.dtype, self.info.kind, config.threads)
         if artifact.suffix == ".onnx":
             self.model = build(variant, None, self.info, config.imgsz, onnx_path=artifact, threads=None)
         else:

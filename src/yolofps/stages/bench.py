@@ -25,7 +25,7 @@ import torch
 from yolofps import device as dev
 from yolofps.bench import contract, measure, report
 from yolofps.bench.environment import environment_stamp
-from yolofps.bench.variants import Variant, build, plan
+from yolofps.bench.variants import Variant, build, onnx_variants, plan
 from yolofps.config import BenchConfig, Config, to_dict
 from yolofps.data import formats
 from yolofps.engine import checkpoint, job
@@ -120,9 +120,9 @@ def check_all(paths: Paths, b: BenchConfig, info: dev.DeviceInfo, deployment: me
         size = model_info(model, deployment.imgsz)
         reference = measure.detect(model.to(info.device), check_images, deployment, info)
         if source.onnx is not None:
-            variants = [Variant(source.name, "onnxruntime", "eager", "int8", "cpu")]
+            variants = onnx_variants(source.name, "int8", b.ort_threads)
         else:
-            variants, skipped_here = plan(source.name, b.modes, info)
+            variants, skipped_here = plan(source.name, b.modes, info, b.ort_threads)
             skipped += skipped_here
         for variant in variants:
             onnx = source.onnx or onnx_dir / f"{source.name}.onnx"
@@ -164,7 +164,8 @@ def check_variant(variant: Variant, model: YOLOv5, data: job.Data, eval_train, c
     """
     run_info = info if variant.device != "cpu" else dev.resolve("cpu", amp=False)
     try:
-        detector = build(variant, model, run_info, deployment.imgsz, onnx_path=onnx_path, threads=b.threads or None)
+        detector = build(variant, model, run_info, deployment.imgsz, onnx_path=onnx_path,
+                         threads=torch.get_num_threads())  # bench.threads, set at the start of run()
         detections = measure.detect(detector, check_images, deployment, run_info)
         agreement = round(measure.agreement(reference, detections), 4)
         floor = b.min_agreement_int8 if variant.dtype == "int8" else b.min_agreement
@@ -229,7 +230,7 @@ def _describe(variant: Variant, source: SourceModel, size: dict[str, float], img
             "runtime": variant.runtime, "mode": variant.mode, "status": "ok", "device": variant.device,
             "dtype": variant.dtype, "imgsz": imgsz, "fps_b1": None, "latency_ms_b1": None, "throughput": {},
             "map50_95": None, "map50": None, "size_mb": round(size_mb, 3), "params_m": round(size["params"] / 1e6, 4),
-            "gflops": round(size["gflops"], 3), "speedup_b1": None,
+            "gflops": round(size["gflops"], 3), "speedup_b1": None, "threads": variant.threads,
             "artifact": str(artifact.relative_to(root)) if artifact.is_relative_to(root) else str(artifact)}
 
 
@@ -238,7 +239,7 @@ def _summary(rows: list[dict[str, Any]], selected: dict[str, Any]) -> dict[str, 
     by_name = {r["name"]: r for r in rows}
     summary: dict[str, float] = {}
     for label, name in (("selected", selected.get("name")), ("baseline", "train/eager-fp32"),
-                        ("onnx_fp32", report.REFERENCE)):
+                        ("onnx_fp32", (report.reference_row(rows) or {}).get("name"))):
         row = by_name.get(name)
         if row and row.get("fps_b1"):
             summary |= {f"{label}/fps_b1": row["fps_b1"], f"{label}/map50_95": row["map50_95"]}

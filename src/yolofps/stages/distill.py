@@ -20,21 +20,18 @@ from yolofps.lineage import lineage_tags
 from yolofps.model.spec import preset
 from yolofps.model.yolo import YOLOv5, build_model
 from yolofps.optimize.distill import DistillationObjective
-from yolofps.optimize.prune import prune_model
 from yolofps.paths import Paths
 from yolofps.registry import TrackingRun
 from yolofps.stages import StageResult
-from yolofps.stages.prune import finetune_config, size_and_accuracy, variant_name
+from yolofps.stages.prune import finetune_config, prune_baseline, size_and_accuracy, variant_name
 from yolofps.stages.train import detection_loss
 
 
 def build_student(cfg: Config, teacher: YOLOv5, num_classes: int, imgsz: int) -> YOLOv5:
-    """The pruned teacher (default) or a fresh preset."""
-    d, p = cfg.distill, cfg.prune
-    if d.student == "pruned":
-        return prune_model(teacher.cpu(), ratio=d.ratio, image_size=imgsz, importance=p.importance,
-                           round_to=p.round_to, iterative_steps=p.iterative_steps)
-    return build_model(preset(d.student, num_classes))
+    """The teacher pruned as the prune stage prunes it (default), or a fresh preset."""
+    if cfg.distill.student == "pruned":
+        return prune_baseline(teacher, cfg.prune, cfg.distill.ratio, imgsz)
+    return build_model(preset(cfg.distill.student, num_classes))
 
 
 def run(cfg: Config, paths: Paths = Paths()) -> StageResult:
@@ -51,7 +48,7 @@ def run(cfg: Config, paths: Paths = Paths()) -> StageResult:
                                       temperature=d.temperature)
     meta = {"job": "distill", "names": teacher_meta["names"], "imgsz": train.imgsz, "model": "distill",
             "source": variant_name(d.ratio) if d.student == "pruned" else d.student,
-            "params_hash": job.job_hash(cfg, train, {"distill": to_dict(d), "prune": to_dict(cfg.prune)})}
+            "activation": student.spec.activation, "params_hash": job.job_hash(cfg, train, {"distill": to_dict(d), "prune": to_dict(cfg.prune)})}
     tags = lineage_tags(paths.root, "distill", to_dict(d)) | {"student": meta["source"], "device": info.name}
     with TrackingRun(cfg.mlflow, run_name="distill", params={"distill": to_dict(d), "train": to_dict(train)},
                      tags=tags) as tracking:

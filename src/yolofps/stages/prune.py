@@ -13,7 +13,7 @@ import sys
 from typing import Any
 
 from yolofps import device as dev
-from yolofps.config import Config, TrainConfig, to_dict
+from yolofps.config import Config, PruneConfig, TrainConfig, to_dict
 from yolofps.engine import checkpoint, job
 from yolofps.fileio import fresh_dir, write_json
 from yolofps.lineage import lineage_tags
@@ -28,6 +28,13 @@ from yolofps.stages.train import DetectionObjective, detection_loss
 def variant_name(ratio: float) -> str:
     """`prune-0.3`: the name a pruned model goes by in metrics, folders and the benchmark table."""
     return f"prune-{ratio:g}"
+
+
+def prune_baseline(baseline: YOLOv5, p: PruneConfig, ratio: float, imgsz: int) -> YOLOv5:
+    """The baseline pruned at `ratio` as the `prune` section says (the distill stage's student is made the same way)."""
+    activation = None if p.activation == "keep" else p.activation
+    return prune_model(baseline.cpu(), ratio=ratio, image_size=imgsz, importance=p.importance, round_to=p.round_to,
+                       iterative_steps=p.iterative_steps, activation=activation)
 
 
 def finetune_config(train: TrainConfig, epochs: int) -> TrainConfig:
@@ -68,11 +75,10 @@ def prune_one(cfg: Config, paths: Paths, data: job.Data, info: dev.DeviceInfo, f
     """Prune at one ratio, measure, fine-tune, publish `models/prune/<name>`; returns that variant's metrics."""
     p = cfg.prune
     name = variant_name(ratio)
-    pruned = prune_model(baseline.cpu(), ratio=ratio, image_size=finetune.imgsz, importance=p.importance,
-                         round_to=p.round_to, iterative_steps=p.iterative_steps)
+    pruned = prune_baseline(baseline, p, ratio, finetune.imgsz)
     after_pruning = size_and_accuracy(pruned, data, info, finetune)
     meta = {"job": name, "names": base_meta["names"], "imgsz": finetune.imgsz, "model": name, "source": "train",
-            "prune_ratio": ratio, "params_hash": job.job_hash(cfg, finetune, {"prune": to_dict(p), "ratio": ratio})}
+            "prune_ratio": ratio, "activation": pruned.spec.activation, "params_hash": job.job_hash(cfg, finetune, {"prune": to_dict(p), "ratio": ratio})}
     tags = lineage_tags(paths.root, "prune", to_dict(p)) | {"variant": name, "device": info.name}
     with TrackingRun(cfg.mlflow, run_name=name, params={"prune": to_dict(p), "ratio": ratio,
                                                         "train": to_dict(finetune)}, tags=tags) as tracking:

@@ -57,7 +57,8 @@ def chosen_variant(bench: dict[str, Any], wanted: str) -> dict[str, Any]:
 
 def content_hash(artifact: Path, row: dict[str, Any]) -> str:
     """sha256 of the model files plus how it runs: the same content registers once."""
-    digest = hashlib.sha256(json.dumps([row["runtime"], row["mode"], row["dtype"], row["imgsz"]]).encode())
+    how = [row["runtime"], row["mode"], row["dtype"], row["imgsz"]] + ([row["threads"]] if row.get("threads") else [])
+    digest = hashlib.sha256(json.dumps(how).encode())
     files = sorted(p for p in artifact.rglob("*") if p.is_file()) if artifact.is_dir() else [artifact]
     for path in files:
         digest.update(path.name.encode())
@@ -92,7 +93,7 @@ def run(cfg: Config, paths: Paths = Paths()) -> StageResult:
     deployment = bench["environment"]["deployment"]
     model_config = {"runtime": row["runtime"], "mode": row["mode"], "dtype": row["dtype"], "imgsz": row["imgsz"],
                     "names": list(meta["names"]), "conf": deployment["conf"], "iou": deployment["iou"],
-                    "max_det": deployment["max_det"], "device": "auto"}
+                    "max_det": deployment["max_det"], "device": "auto", "threads": row.get("threads", 0)}
     example = formats.list_images(paths.augmented_data / "images" / "val")[:1]
     import pandas as pd
 
