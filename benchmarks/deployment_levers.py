@@ -9,6 +9,9 @@ accuracy is the prune stage's business), with all cores or one intra-op thread, 
 fixed to 1 (what `OrtDetector` does now) or left dynamic (what it did before).
 Pre/post rows: the bench stage's pre-processing (decode, RGB, letterbox, CHW float) and deployment NMS as they
 are now, and as they were (a numpy channel flip; torch NMS + box scaling, which the mAP evaluation still uses).
+End-to-end rows: the bench stage's whole path (decode to NMS) for the baseline's and the pruned model's ONNX
+Runtime fp32 sessions as the pipeline made them, with all cores and with one thread: a second, longer run of the
+headline ratio, separate from the bench stage's.
 All rows are timed in interleaved rounds on the same images; the median is reported.
 """
 
@@ -119,10 +122,24 @@ def main(argv: list[str] | None = None) -> int:
             "post/now": lambda i: measure.postprocess(predictions[i], inputs[i][1], deployment),
             "post/before": lambda i: old_postprocess(predictions[i], inputs[i][1], deployment),
         }, args.runs, len(paths))
-    rows = [{"row": name, "latency_ms_p50": ms} for name, ms in (models | steps).items()]
-    print(f"{'row':<30} {'p50 ms':>8}")
+        end_to_end = {}
+        for name, folder in (("baseline", Path(args.baseline)), ("pruned", Path(args.pruned))):
+            model, _ = checkpoint.load_model(folder)
+            onnx = export_onnx(model, Path(tmp) / f"{name}-as-built.onnx", imgsz)
+            for threads in (0, 1):
+                label = f"end to end/{name}/{'1 thread' if threads else 'all cores'}"
+                end_to_end[label] = (OrtDetector(onnx, threads=threads or None, spin=False), info)
+        timings, _ = measure.time_interleaved(end_to_end, measure.batches_of(paths, 1), deployment, warmup=5,
+                                              runs=args.runs * 2)
+        e2e = {name: t.latency()["p50"] for name, t in timings.items()}
+    rows = [{"row": name, "latency_ms_p50": ms} for name, ms in (models | steps | e2e).items()]
+    best_baseline = min(ms for name, ms in e2e.items() if "/baseline/" in name)
     for row in rows:
-        print(f"{row['row']:<30} {row['latency_ms_p50']:>8}")
+        if row["row"].startswith("end to end/"):
+            row["speedup_vs_fastest_baseline"] = round(best_baseline / row["latency_ms_p50"], 3)
+    print(f"{'row':<36} {'p50 ms':>8} {'x baseline':>10}")
+    for row in rows:
+        print(f"{row['row']:<36} {row['latency_ms_p50']:>8} {row.get('speedup_vs_fastest_baseline', ''):>10}")
     settings = {"batch": 1, "imgsz": imgsz, "runs": args.runs, "images": len(paths), "runtime": "onnxruntime fp32",
                 "spinning": False, "baseline": args.baseline, "pruned": args.pruned,
                 "statistic": "median of interleaved rounds", "nms": dataclasses.asdict(deployment)}

@@ -89,5 +89,6 @@ def test_deployment_levers_writes_stamped_json(tmp_path):
     rows = {row["row"]: row["latency_ms_p50"] for row in result["results"]}
     assert {f"{m}/{a}/{t}/{b}" for m in ("baseline", "pruned") for a in ("silu", "relu")
             for t in ("all cores", "1 thread") for b in ("batch 1", "dynamic")
-            } | {"pre/now", "pre/before", "post/now", "post/before"} == set(rows)
+            } | {"pre/now", "pre/before", "post/now", "post/before"} | {
+            f"end to end/{m}/{t}" for m in ("baseline", "pruned") for t in ("all cores", "1 thread")} == set(rows)
     assert all(ms > 0 for ms in rows.values()) and result["environment"]["cpu_cores"] >= 1
