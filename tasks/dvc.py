@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,11 +50,12 @@ class DvcCommandFailed(RuntimeError):
 
 @dataclass(frozen=True)
 class Output:
-    """What a DVC command printed (its last lines) and how it ended."""
+    """What a DVC command printed (its last lines, and every stage it started) and how it ended."""
 
     code: int
     lines: list[str]
     seconds: float
+    started: list[str] = field(default_factory=list)  # "Running stage 'x':" lines, however long the output
 
     def errors(self) -> str:
         found = [line for line in self.lines if "error" in line.lower()] or self.lines[-5:]
@@ -124,6 +125,7 @@ def run_dvc(args: list[str], project_dir: str, env: dict[str, str] | None = None
     """Run `dvc <args>`, streaming each line to `log` (a Prefect logger); keep the last lines."""
     command = [sys.executable, "-m", "dvc", *args]
     tail: deque[str] = deque(maxlen=40)
+    started: list[str] = []
     start = time.perf_counter()
     with subprocess.Popen(command, cwd=project_dir, env=_dvc_env(env or {}), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, bufsize=1) as process:
@@ -132,10 +134,12 @@ def run_dvc(args: list[str], project_dir: str, env: dict[str, str] | None = None
             line = line.rstrip()
             if line:
                 tail.append(line)
+                if line.startswith("Running stage '"):  # kept apart: a chatty stage pushes it out of the tail
+                    started.append(line)
                 if log is not None:
                     log.info(line)
         code = process.wait()
-    return Output(code, list(tail), round(time.perf_counter() - start, 2))
+    return Output(code, list(tail), round(time.perf_counter() - start, 2), started)
 
 
 @task(name="dvc-repro", task_run_name="dvc repro {stage}", retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
@@ -152,7 +156,7 @@ def run_stage(stage: str, project_dir: str, env: dict[str, str] | None = None) -
         raise StageFailed(f"stage {stage!r} failed (exit {out.code}){hint}: {out.errors()}", transient=transient)
     metrics_path = Path(project_dir) / "metrics" / f"{stage}.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-    ran = any(f"Running stage '{stage}'" in line for line in out.lines)
+    ran = any(f"Running stage '{stage}'" in line for line in out.started)
     return {"stage": stage, "ran": ran, "seconds": out.seconds, "metrics": metrics}
 
 

@@ -279,3 +279,17 @@ def test_a_second_run_on_the_same_workspace_waits_for_the_first(flow_project, pr
     waited = time.monotonic() - start
     first.join()
     assert state.is_completed() and waited >= 6, waited
+
+
+def test_a_stage_is_seen_to_run_however_much_it_prints(tmp_path):
+    """`ran` must not depend on the output tail: the bench stage prints a line per variant (CI caught it)."""
+    from tasks.dvc import run_dvc
+
+    run_cmd(["git", "init", "-q"], tmp_path)
+    run_cmd([sys.executable, "-m", "dvc", "init", "-q"], tmp_path)
+    chatty = f"{sys.executable} -c \"[print(i) for i in range(200)]; open('out.txt', 'w').write('x')\""
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"chatty": {"cmd": chatty, "outs": ["out.txt"]}}}))
+    out = run_dvc(["repro", "--single-item", "chatty"], str(tmp_path))
+    assert out.code == 0 and not any("Running stage" in line for line in out.lines)  # scrolled out of the tail
+    assert out.started == ["Running stage 'chatty':"]
+    assert run_dvc(["repro", "--single-item", "chatty"], str(tmp_path)).started == []  # unchanged: skipped
