@@ -181,7 +181,8 @@ def test_relu_student_exports_without_separate_activation_passes(tiny, tmp_path)
 
     original, _, _ = tiny
     relu_pruned = prune_model(original, ratio=0.5, image_size=IMAGE_SIZE, activation="relu").eval()
-    ops = [node.op_type for node in onnx.load(str(export_onnx(relu_pruned, tmp_path / "relu.onnx", IMAGE_SIZE))).graph.node]
+    path = export_onnx(relu_pruned, tmp_path / "relu.onnx", IMAGE_SIZE)
+    ops = [node.op_type for node in onnx.load(str(path)).graph.node]
     blocks = sum(isinstance(m, nn.ReLU) for m in relu_pruned.modules())
     assert ops.count("Relu") == blocks > 0
     assert ops.count("Sigmoid") == len(relu_pruned.detect.m)

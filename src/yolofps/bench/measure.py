@@ -4,7 +4,8 @@ Pre-process: decode the image file (to RGB), letterbox to S×S, HWC→CHW, host�
 Model: the variant under test (a torch module, a traced/compiled module or an onnxruntime session).
 Post-process: decode is in the model; NMS at deployment settings (conf, IoU, max_det) and boxes mapped back to
 the original image, in numpy and OpenCV (the same rule as `model.postprocess.non_max_suppression`, which the mAP
-evaluation uses, without torch's per-op overhead). Each phase ends with a device synchronization, so the split is wall time as a caller sees it.
+evaluation uses, without torch's per-op overhead). Each phase ends with a device synchronization, so the split is
+wall time as a caller sees it.
 The same pre- and post-processing code serves every variant; only the model differs.
 """
 

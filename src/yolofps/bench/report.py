@@ -8,6 +8,7 @@ from typing import Any, Sequence
 
 from yolofps.fileio import write_text
 
+
 def reference_row(rows: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
     """The bar the optimizations must clear: the unpruned model's plain ONNX Runtime fp32 export, at its fastest
     thread setting (bench.ort_threads), so no variant is credited with a thread count the baseline was denied."""

@@ -52,7 +52,7 @@ class OrtDetector:
 
     The ONNX file has a dynamic batch dimension; each batch size seen gets its own session with that dimension
     fixed (onnxruntime's free-dimension override), so the graph's shape arithmetic (Shape/Gather/Concat feeding
-    every Reshape of the Detect head) is folded away: about 0.3 ms per call for yolov5n at 320 px on a 2-core CPU.
+    every Reshape of the Detect head) is folded away: about 0.2 ms per call for yolov5n at 320 px on a 2-core CPU.
     """
 
     def __init__(self, path: Path, *, threads: int | None = None, spin: bool = True):

@@ -48,7 +48,8 @@ def run(cfg: Config, paths: Paths = Paths()) -> StageResult:
                                       temperature=d.temperature)
     meta = {"job": "distill", "names": teacher_meta["names"], "imgsz": train.imgsz, "model": "distill",
             "source": variant_name(d.ratio) if d.student == "pruned" else d.student,
-            "activation": student.spec.activation, "params_hash": job.job_hash(cfg, train, {"distill": to_dict(d), "prune": to_dict(cfg.prune)})}
+            "activation": student.spec.activation,
+            "params_hash": job.job_hash(cfg, train, {"distill": to_dict(d), "prune": to_dict(cfg.prune)})}
     tags = lineage_tags(paths.root, "distill", to_dict(d)) | {"student": meta["source"], "device": info.name}
     with TrackingRun(cfg.mlflow, run_name="distill", params={"distill": to_dict(d), "train": to_dict(train)},
                      tags=tags) as tracking:

@@ -78,7 +78,8 @@ def prune_one(cfg: Config, paths: Paths, data: job.Data, info: dev.DeviceInfo, f
     pruned = prune_baseline(baseline, p, ratio, finetune.imgsz)
     after_pruning = size_and_accuracy(pruned, data, info, finetune)
     meta = {"job": name, "names": base_meta["names"], "imgsz": finetune.imgsz, "model": name, "source": "train",
-            "prune_ratio": ratio, "activation": pruned.spec.activation, "params_hash": job.job_hash(cfg, finetune, {"prune": to_dict(p), "ratio": ratio})}
+            "prune_ratio": ratio, "activation": pruned.spec.activation,
+            "params_hash": job.job_hash(cfg, finetune, {"prune": to_dict(p), "ratio": ratio})}
     tags = lineage_tags(paths.root, "prune", to_dict(p)) | {"variant": name, "device": info.name}
     with TrackingRun(cfg.mlflow, run_name=name, params={"prune": to_dict(p), "ratio": ratio,
                                                         "train": to_dict(finetune)}, tags=tags) as tracking:
