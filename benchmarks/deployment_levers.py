@@ -95,6 +95,20 @@ def interleaved(calls: dict[str, Callable[[int], object]], runs: int, count: int
     return {name: round(float(np.median(t)), 3) for name, t in times.items()}
 
 
+def end_to_end(models: dict[str, Path], imgsz: int, tmp: Path, paths: list[Path], deployment: measure.Deployment,
+               info: dev.DeviceInfo, runs: int) -> dict[str, float]:
+    """p50 ms of the bench stage's whole path for each model as built (ONNX fp32), all cores and one thread."""
+    detectors = {}
+    for name, folder in models.items():
+        model, _ = checkpoint.load_model(folder)
+        onnx = export_onnx(model, tmp / f"{name}-as-built.onnx", imgsz)
+        for threads in (0, 1):
+            label = f"end to end/{name}/{'1 thread' if threads else 'all cores'}"
+            detectors[label] = (OrtDetector(onnx, threads=threads or None, spin=False), info)
+    timings, _ = measure.time_interleaved(detectors, measure.batches_of(paths, 1), deployment, warmup=5, runs=runs)
+    return {name: t.latency()["p50"] for name, t in timings.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", default=str(PROJECT_ROOT / "models" / "train" / "best"))
@@ -107,13 +121,14 @@ def main(argv: list[str] | None = None) -> int:
     _, meta = checkpoint.load_model(args.baseline)
     imgsz = meta["imgsz"]
     deployment = measure.Deployment(imgsz)
-    paths = formats.list_images(Path(args.images))[:20]
+    paths = formats.list_images(Path(args.images))[:20]  # 20 images cycled: varied shapes, short rounds
+    folders = {"baseline": Path(args.baseline), "pruned": Path(args.pruned)}
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
-        detectors = model_rows({"baseline": Path(args.baseline), "pruned": Path(args.pruned)}, imgsz, Path(tmp))
+        detectors = model_rows(folders, imgsz, Path(tmp))
         inputs = [measure.preprocess([p], imgsz, info) for p in paths]
         arrays = [images.numpy() for images, _ in inputs]
-        models = interleaved({name: (lambda i, run=run: run(arrays[i])) for name, run in detectors.items()},
-                             args.runs, len(paths))
+        model_ms = interleaved({name: (lambda i, run=run: run(arrays[i])) for name, run in detectors.items()},
+                               args.runs, len(paths))
         reference = next(iter(detectors.values()))
         predictions = [torch.from_numpy(reference(x)[0]) for x in arrays]
         steps = interleaved({
@@ -122,17 +137,8 @@ def main(argv: list[str] | None = None) -> int:
             "post/now": lambda i: measure.postprocess(predictions[i], inputs[i][1], deployment),
             "post/before": lambda i: old_postprocess(predictions[i], inputs[i][1], deployment),
         }, args.runs, len(paths))
-        end_to_end = {}
-        for name, folder in (("baseline", Path(args.baseline)), ("pruned", Path(args.pruned))):
-            model, _ = checkpoint.load_model(folder)
-            onnx = export_onnx(model, Path(tmp) / f"{name}-as-built.onnx", imgsz)
-            for threads in (0, 1):
-                label = f"end to end/{name}/{'1 thread' if threads else 'all cores'}"
-                end_to_end[label] = (OrtDetector(onnx, threads=threads or None, spin=False), info)
-        timings, _ = measure.time_interleaved(end_to_end, measure.batches_of(paths, 1), deployment, warmup=5,
-                                              runs=args.runs * 2)
-        e2e = {name: t.latency()["p50"] for name, t in timings.items()}
-    rows = [{"row": name, "latency_ms_p50": ms} for name, ms in (models | steps | e2e).items()]
+        e2e = end_to_end(folders, imgsz, Path(tmp), paths, deployment, info, args.runs * 2)
+    rows = [{"row": name, "latency_ms_p50": ms} for name, ms in (model_ms | steps | e2e).items()]
     best_baseline = min(ms for name, ms in e2e.items() if "/baseline/" in name)
     for row in rows:
         if row["row"].startswith("end to end/"):

@@ -161,3 +161,5 @@ def test_activation_is_part_of_the_spec():
     assert ArchSpec.from_dict(written_before).activation == "silu"  # arch.json files from earlier runs still load
     with pytest.raises(ValueError, match="activation must be one of"):
         dataclasses.replace(preset("tiny", 3), activation="gelu")
+    with pytest.raises(ValueError, match="expected a mapping"):  # a corrupt arch.json stays a named error
+        ArchSpec.from_dict([written_before])

@@ -129,7 +129,8 @@ class ArchSpec:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ArchSpec:
         """Build from a dict; ValueError on unknown or missing keys and on ill-typed values."""
-        data = {"activation": "silu"} | data  # written before activations were configurable
+        if isinstance(data, dict):  # anything else is refused by _check_keys with a named error
+            data = {"activation": "silu"} | data  # written before activations were configurable
         _check_keys(data, _SPEC_FIELDS, "ArchSpec")
         if not isinstance(data["name"], str):
             raise ValueError(f"ArchSpec.name must be a string, got {data['name']!r}")
