@@ -6,9 +6,9 @@
 Model rows: the baseline and the pruned model as ONNX Runtime fp32 sessions (no spinning, as the bench stage
 runs them), each with SiLU and with ReLU (the same weights, the activation swapped: a speed figure only, its
 accuracy is the prune stage's business), with all cores or one intra-op thread, and with the batch dimension
-fixed to 1 (what `OrtDetector` does now) or left dynamic (what it did before).
+fixed to 1 (what `runtime.backends.OrtBackend` does now) or left dynamic (what it did before).
 Pre/post rows: the bench stage's pre-processing (decode, RGB, letterbox, CHW float) and deployment NMS as they
-are now, and as they were (a numpy channel flip; torch NMS + box scaling, which the mAP evaluation still uses).
+are now, and as they were (a numpy channel flip; torch NMS + box scaling, which the mAP evaluation used before the one runtime).
 End-to-end rows: the bench stage's whole path (decode to NMS) for the baseline's and the pruned model's ONNX
 Runtime fp32 sessions as the pipeline made them, with all cores and with one thread: a second, longer run of the
 headline ratio, separate from the bench stage's.
@@ -37,7 +37,9 @@ from yolofps.data.dataset import letterbox
 from yolofps.engine import checkpoint
 from yolofps.model.postprocess import non_max_suppression, scale_boxes
 from yolofps.model.yolo import YOLOv5, build_model
-from yolofps.optimize.export import OrtDetector, export_onnx
+from yolofps.optimize.export import export_onnx
+from yolofps.runtime import Deployment, Pipeline, host
+from yolofps.runtime.backends import OrtBackend
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,7 +59,7 @@ def model_rows(models: dict[str, Path], imgsz: int, tmp: Path) -> dict[str, Call
         for activation in ("silu", "relu"):
             onnx = export_onnx(with_activation(model, activation), tmp / f"{name}-{activation}.onnx", imgsz)
             for threads in (0, 1):
-                detector = OrtDetector(onnx, threads=threads or None, spin=False)
+                detector = OrtBackend(onnx, threads=threads or None)
                 label = f"{name}/{activation}/{'1 thread' if threads else 'all cores'}"
                 for shape, session in (("batch 1", detector.session_for(1)), ("dynamic", detector.session)):
                     rows[f"{label}/{shape}"] = lambda x, s=session, i=detector.input_name: s.run(None, {i: x})
@@ -71,7 +73,7 @@ def old_preprocess(path: Path, imgsz: int, info: dev.DeviceInfo) -> torch.Tensor
     return dev.to_device(torch.from_numpy(np.ascontiguousarray(boxed.transpose(2, 0, 1)[None])), info)
 
 
-def old_postprocess(predictions: torch.Tensor, metas: list[measure.Letterboxed], deployment: measure.Deployment
+def old_postprocess(predictions: torch.Tensor, metas: list[host.Letterboxed], deployment: Deployment
                     ) -> list[np.ndarray]:
     """The post-processing before this change: torch NMS (the evaluation's) and torch box scaling."""
     out = []
@@ -95,7 +97,7 @@ def interleaved(calls: dict[str, Callable[[int], object]], runs: int, count: int
     return {name: round(float(np.median(t)), 3) for name, t in times.items()}
 
 
-def end_to_end(models: dict[str, Path], imgsz: int, tmp: Path, paths: list[Path], deployment: measure.Deployment,
+def end_to_end(models: dict[str, Path], imgsz: int, tmp: Path, paths: list[Path], deployment: Deployment,
                info: dev.DeviceInfo, runs: int) -> dict[str, float]:
     """p50 ms of the bench stage's whole path for each model as built (ONNX fp32), all cores and one thread."""
     detectors = {}
@@ -104,8 +106,8 @@ def end_to_end(models: dict[str, Path], imgsz: int, tmp: Path, paths: list[Path]
         onnx = export_onnx(model, tmp / f"{name}-as-built.onnx", imgsz)
         for threads in (0, 1):
             label = f"end to end/{name}/{'1 thread' if threads else 'all cores'}"
-            detectors[label] = (OrtDetector(onnx, threads=threads or None, spin=False), info)
-    timings, _ = measure.time_interleaved(detectors, measure.batches_of(paths, 1), deployment, warmup=5, runs=runs)
+            detectors[label] = Pipeline(OrtBackend(onnx, threads=threads or None), deployment, info)
+    timings, _ = measure.time_interleaved(detectors, measure.batches_of(paths, 1), warmup=5, runs=runs)
     return {name: t.latency()["p50"] for name, t in timings.items()}
 
 
@@ -120,21 +122,21 @@ def main(argv: list[str] | None = None) -> int:
     info = dev.resolve("cpu", amp=False)
     _, meta = checkpoint.load_model(args.baseline)
     imgsz = meta["imgsz"]
-    deployment = measure.Deployment(imgsz)
+    deployment = Deployment(imgsz)
     paths = formats.list_images(Path(args.images))[:20]  # 20 images cycled: varied shapes, short rounds
     folders = {"baseline": Path(args.baseline), "pruned": Path(args.pruned)}
     with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
         detectors = model_rows(folders, imgsz, Path(tmp))
-        inputs = [measure.preprocess([p], imgsz, info) for p in paths]
+        inputs = [host.preprocess([p], imgsz, info) for p in paths]
         arrays = [images.numpy() for images, _ in inputs]
         model_ms = interleaved({name: (lambda i, run=run: run(arrays[i])) for name, run in detectors.items()},
                                args.runs, len(paths))
         reference = next(iter(detectors.values()))
         predictions = [torch.from_numpy(reference(x)[0]) for x in arrays]
         steps = interleaved({
-            "pre/now": lambda i: measure.preprocess([paths[i]], imgsz, info),
+            "pre/now": lambda i: host.preprocess([paths[i]], imgsz, info),
             "pre/before": lambda i: old_preprocess(paths[i], imgsz, info),
-            "post/now": lambda i: measure.postprocess(predictions[i], inputs[i][1], deployment),
+            "post/now": lambda i: host.postprocess(predictions[i], inputs[i][1], deployment),
             "post/before": lambda i: old_postprocess(predictions[i], inputs[i][1], deployment),
         }, args.runs, len(paths))
         e2e = end_to_end(folders, imgsz, Path(tmp), paths, deployment, info, args.runs * 2)

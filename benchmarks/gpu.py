@@ -4,11 +4,13 @@
     python benchmarks/gpu.py [--models s n] [--batch-sizes 1 32] [--modes eager compile] [--checkpoint FOLDER]
 
 Runs offline on one NVIDIA GPU in under 5 minutes (`--time-budget`); `--device cpu` runs the same code paths on
-CPU for the tests. Each row times three phases on the device (CUDA events, medians after warm-up):
+CPU for the tests. The pipeline is the runtime's device path (`yolofps.runtime.ondevice`); each row times its
+three phases on the device (CUDA events, medians after warm-up):
   pre    upload of pinned uint8 HWC images (non_blocking), HWC->CHW, to dtype, letterbox to imgsz (bilinear resize +
          pad 114; a no-op when the source is already imgsz x imgsz), /255
   model  the detector (random weights from its preset, or --checkpoint), decoded [B, N, 5+nc] predictions
-  post   top --max-candidates boxes per image by obj x max class score, then class-aware NMS (conf, IoU, max_det)
+  post   top --max-candidates boxes per image by obj x max class score, class-aware NMS (conf, IoU, max_det), boxes
+         mapped back to the source images' pixels
 Modes: eager (fp32), bf16 and channels_last (fp16) eager in channels_last, trace (jit.trace + freeze, fp16),
 cudagraph (pre, model and candidate selection captured as three CUDA graphs, fp16), compile (torch.compile, fp16).
 fp16 modes need CUDA: on CPU they are skipped unless named in --modes, and then run in fp32. Before timing, each
@@ -39,18 +41,20 @@ from yolofps.bench.environment import write_result
 from yolofps.engine import checkpoint
 from yolofps.model.spec import preset
 from yolofps.model.yolo import build_model, model_info
-
-from gpu_pipeline import NMS_KERNEL, Pipeline, build_pipeline, preprocess  # noqa: E402  (beside this script)
+from yolofps.runtime.host import Deployment
+from yolofps.runtime.ondevice import NMS_KERNEL, DevicePipeline, build, preprocess
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-MODES = {"eager": torch.float32, "bf16": torch.bfloat16, "channels_last": torch.float16, "trace": torch.float16,
-         "cudagraph": torch.float16, "compile": torch.float16}
+# row name -> (runtime.ondevice mode, dtype); every row but eager runs channels_last on CUDA
+MODES = {"eager": ("eager", torch.float32), "bf16": ("eager", torch.bfloat16),
+         "channels_last": ("eager", torch.float16), "trace": ("trace", torch.float16),
+         "cudagraph": ("cudagraph", torch.float16), "compile": ("compile", torch.float16)}
 TOLERANCE = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}  # max error vs fp32 eager
 SETUP_RESERVE_S = {"compile": 60.0}  # a row that needs this long to set up is not started with less time left
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
-def run_once(pipe: Pipeline, host: torch.Tensor, cuda: bool) -> list[float]:
+def run_once(pipe: DevicePipeline, host: torch.Tensor, cuda: bool) -> list[float]:
     """(pre, model, post) milliseconds of one pass: CUDA events on the GPU, perf_counter on CPU."""
     marks: list = []
 
@@ -87,7 +91,7 @@ def tolerance(dtype: torch.dtype, info: dev.DeviceInfo) -> float:
     return TOLERANCE[dtype]
 
 
-def measure(pipe: Pipeline, host: torch.Tensor, reference: torch.Tensor, dtype: torch.dtype,
+def measure(pipe: DevicePipeline, host: torch.Tensor, reference: torch.Tensor, dtype: torch.dtype,
             info: dev.DeviceInfo, args: argparse.Namespace) -> dict:
     """Check the mode against fp32 eager on the timed batch, then time it; the row's status and figures."""
     pred = pipe.model(pipe.pre(host)).clone()  # clone: graph outputs are overwritten by the next pass
@@ -115,17 +119,25 @@ def skip_reason(mode: str, explicit: bool, info: dev.DeviceInfo, remaining_s: fl
     """Why a row is not run here, or None."""
     if mode == "cudagraph" and info.kind != "cuda":
         return "needs CUDA"
-    if MODES[mode] == torch.float16 and info.kind != "cuda" and not explicit:
+    if MODES[mode][1] == torch.float16 and info.kind != "cuda" and not explicit:
         return "needs CUDA (fp16); name it in --modes to run it in fp32 on CPU"
     if remaining_s <= SETUP_RESERVE_S.get(mode, 0.0):
         return "time budget"
     return None
 
 
+def build_row(name: str, model: torch.nn.Module, host: torch.Tensor, dtype: torch.dtype, info: dev.DeviceInfo,
+              args: argparse.Namespace) -> DevicePipeline:
+    """The runtime's device pipeline for row `name` with this run's settings."""
+    deployment = Deployment(args.imgsz, args.conf, args.iou, args.max_det)
+    return build(MODES[name][0], model, host, dtype, info, deployment, max_candidates=args.max_candidates,
+                 channels_last=info.kind == "cuda" and name != "eager", compile_mode=args.compile_mode)
+
+
 def bench_row(mode: str, model: torch.nn.Module, host: torch.Tensor, reference: torch.Tensor,
               info: dev.DeviceInfo, args: argparse.Namespace, reason: str | None) -> dict:
     """One (mode, batch) row; any exception becomes a failed row with its text."""
-    dtype = MODES[mode]
+    dtype = MODES[mode][1]
     row = {"mode": mode, "dtype": DTYPE_NAMES[dtype], "batch": len(host), "status": "skipped", "reason": reason}
     if reason is not None:
         return row
@@ -135,7 +147,7 @@ def bench_row(mode: str, model: torch.nn.Module, host: torch.Tensor, reference: 
     if info.kind == "cuda":
         torch.cuda.reset_peak_memory_stats()
     try:
-        row |= measure(build_pipeline(mode, model, host, dtype, info, args), host, reference, dtype, info, args)
+        row |= measure(build_row(mode, model, host, dtype, info, args), host, reference, dtype, info, args)
     except Exception as err:  # noqa: BLE001  (a mode that breaks is a row, not a crash)
         row |= {"status": "failed", "reason": f"{type(err).__name__}: {str(err).strip()[:300]}"}
     if info.kind == "cuda":
@@ -236,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
         "statistic": "median per phase; p50/p95/p99 of the total", "time_budget_s": args.time_budget,
         "weights": "checkpoint" if args.checkpoint else "random (preset)",
         "scope": "pinned uint8 HWC host images -> upload, letterbox, /255 on device -> model -> top-k candidates + "
-                 "class-aware NMS on device",
+                 "class-aware NMS + boxes to source pixels on device (yolofps.runtime.ondevice)",
         "cudnn_allow_tf32": torch.backends.cudnn.allow_tf32,
     }
     write_result(args.out, "gpu", settings, rows, goal_check=goal_check(rows, args),

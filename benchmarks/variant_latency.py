@@ -20,7 +20,9 @@ import torch
 
 from yolofps.bench.environment import write_result
 from yolofps.engine import checkpoint
-from yolofps.optimize.export import OrtDetector, export_onnx
+from yolofps.optimize.export import export_onnx, export_openvino
+from yolofps.runtime.backends import OrtBackend
+from yolofps.runtime.openvino import OpenVinoBackend, unavailable
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,11 +38,18 @@ def load_variants(models: Path, tmp: Path) -> dict[str, object]:
         model, meta = checkpoint.load_model(folder)
         model.eval()
         variants[f"{name}/torch-fp32"] = model
-        # no spinning (as the bench stage): spinning ORT workers slowed the torch rows interleaved with them 4x
-        variants[f"{name}/ort-fp32"] = OrtDetector(export_onnx(model, tmp / f"{name}.onnx", meta["imgsz"]), spin=False)
+        # no spinning (the backend's default): spinning ORT workers slowed the torch rows interleaved with them 4x
+        onnx = export_onnx(model, tmp / f"{name}.onnx", meta["imgsz"])
+        variants[f"{name}/ort-fp32"] = OrtBackend(onnx)
+        ir = export_openvino(onnx, tmp / f"{name}-openvino")
+        for dtype in ("fp32", "bf16"):
+            if unavailable(dtype) is None:
+                variants[f"{name}/openvino-{dtype}"] = OpenVinoBackend(ir, dtype=dtype)
     int8 = models / "quantize" / "model_int8.onnx"
     if int8.is_file():
-        variants["quantize/ort-int8"] = OrtDetector(int8, spin=False)
+        variants["quantize/ort-int8"] = OrtBackend(int8)
+    if (models / "quantize" / "openvino_int8" / "model.xml").is_file():
+        variants["quantize/openvino-int8"] = OpenVinoBackend(models / "quantize" / "openvino_int8", dtype="int8")
     return variants
 
 

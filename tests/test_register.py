@@ -90,6 +90,31 @@ def test_registered_pyfunc_loads_by_alias_and_matches_the_in_process_model(pipel
     assert float(version.tags["fps_b1"]) == row["fps_b1"] and version.tags["variant"] == row["name"]
 
 
+def test_a_registered_openvino_variant_loads_by_alias_and_predicts(pipeline):
+    """An OpenVINO row registers as IR files and serves through the same runtime, with the threads it was timed with."""
+    import mlflow
+
+    root, cfg = pipeline
+    bench = json.loads((root / "metrics" / "bench.json").read_text())
+    row = next(v for v in bench["variants"] if v["name"] == "train/openvino-fp32")
+    assert row["status"] != "failed", row.get("reason")
+    result = register.run(with_register(cfg, variant=row["name"]), Paths(root))
+    mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    version = mlflow.MlflowClient().get_model_version_by_alias(NAME, "challenger")
+    assert int(version.version) == result.metrics["version"] and version.tags["runtime"] == "openvino"
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}@challenger")
+    detector = model.unwrap_python_model().detector
+    assert type(detector.pipeline.backend).__name__ == "OpenVinoBackend"
+    assert sorted(p.name for p in (root / row["artifact"]).iterdir()) == ["model.bin", "model.xml"]
+    images = val_images(root)
+    served = model.predict(pd.DataFrame({"image": [str(p) for p in images]}))
+    config = ServingConfig(row["runtime"], row["mode"], row["dtype"], row["imgsz"], ["a"] * 100, conf=0.0)
+    local = Detector(root / row["artifact"], config).detect(images)
+    assert len(served) == sum(map(len, local)) > 0
+    np.testing.assert_allclose(served[["x1", "y1", "x2", "y2", "score"]].to_numpy(),
+                               np.concatenate(local)[:, :5], atol=1e-3)
+
+
 def test_registering_the_same_content_again_reuses_the_version(pipeline):
     from mlflow import MlflowClient
 

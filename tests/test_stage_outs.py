@@ -14,6 +14,7 @@ from helpers import PROJECT_ROOT, TINY_PARAMS
 from yolofps.bench import contract
 from yolofps.config import load_config
 from yolofps.paths import Paths
+from yolofps.runtime import Execution, openvino
 
 STAGE_PARAMS = TINY_PARAMS | {"data.num_train": 8, "augment.copies": 0}
 
@@ -71,13 +72,17 @@ def test_prune_and_distill_report_the_comparison(pipeline_root):
 def test_quantize_scores_every_variant_through_the_same_evaluation(pipeline_root):
     root, _ = pipeline_root
     metrics = json.loads((root / "metrics" / "quantize.json").read_text())
-    for variant in ("torch-fp32", "ort-fp32", "ort-int8"):
+    for variant in ("torch-fp32", "ort-fp32", "ort-int8", "openvino-int8"):
         assert 0.0 <= metrics[f"{variant}/mAP50-95"] <= 1.0 and metrics[f"{variant}/accepted"] in (0, 1)
     # ONNX Runtime fp32 runs the same graph: its accuracy matches torch
     assert abs(metrics["ort-fp32/mAP50-95"] - metrics["torch-fp32/mAP50-95"]) < 0.01
     assert metrics["ort-int8/size_mb"] < metrics["ort-fp32/size_mb"]
     meta = json.loads((root / "models" / "quantize" / "meta.json").read_text())
     assert meta["variants"]["ort-int8"]["quantization"]["format"] == "QDQ"
+    # OpenVINO INT8 through NNCF with accuracy control: an IR folder, and how many layers it kept in float
+    assert (root / "models" / "quantize" / "openvino_int8" / "model.xml").is_file()
+    assert meta["variants"]["openvino-int8"]["quantization"]["accuracy_control"] is True
+    assert metrics["openvino-int8/reverted_layers"] >= 0
 
 
 def test_bench_writes_the_contract_for_every_model_and_mode(pipeline_root):
@@ -87,7 +92,12 @@ def test_bench_writes_the_contract_for_every_model_and_mode(pipeline_root):
     names = {v["name"] for v in result["variants"]}
     for model in ("train", "prune-0.5", "distill"):
         assert {f"{model}/eager-fp32", f"{model}/trace-fp32", f"{model}/onnxruntime-fp32"} <= names
-    assert "quantize/onnxruntime-int8" in names
+    assert {"quantize/onnxruntime-int8", "quantize/openvino-int8"} <= names
+    # OpenVINO rows for every model: fp32 always, bf16 where this CPU has it natively, else skipped with the reason
+    bf16 = openvino.unavailable("bf16")
+    for model in ("train", "prune-0.5", "distill"):
+        assert f"{model}/openvino-fp32" in names and (f"{model}/openvino-bf16" in names) == (bf16 is None)
+    assert (bf16 is None) or any(s["mode"] == "openvino-bf16" and s["reason"] == bf16 for s in result["skipped"])
     (baseline,) = [v for v in result["variants"] if v["baseline"]]
     assert baseline["name"] == "train/eager-fp32" and baseline["status"] == "ok" and baseline["speedup_b1"] == 1.0
     for variant in result["variants"]:
@@ -105,17 +115,21 @@ def test_bench_writes_the_contract_for_every_model_and_mode(pipeline_root):
 def test_bench_marks_a_broken_variant_failed_and_keeps_going(pipeline_root, monkeypatch):
     from yolofps.stages import bench
 
-    real_build = bench.build
+    real_build = bench.build_pipeline
 
-    def build_with_faults(variant, *args, **kwargs):
-        detector = real_build(variant, *args, **kwargs)
-        if variant.name == "prune-0.5/trace-fp32":
-            return lambda images: detector(images).index_fill(-1, torch.tensor([4, 5]), 1.0)  # every anchor fires
-        if variant.name == "distill/eager-fp32":
+    def build_with_faults(execution, deployment, info, **kwargs):
+        pipeline = real_build(execution, deployment, info, **kwargs)
+        # the rows get their artifact (for torch rows the checkpoint folder: models/prune/prune-0.5, ...); the
+        # source model's own reference detections are built without one
+        model = kwargs["artifact"].name if kwargs.get("artifact") else None
+        if model == "prune-0.5" and execution.mode == "trace":
+            backend = pipeline.backend  # every anchor fires
+            pipeline.backend = lambda images: backend(images).index_fill(-1, torch.tensor([4, 5]), 1.0)
+        if model == "distill" and execution == Execution():
             raise RuntimeError("no kernel for this mode here")
-        return detector
+        return pipeline
 
-    monkeypatch.setattr(bench, "build", build_with_faults)
+    monkeypatch.setattr(bench, "build_pipeline", build_with_faults)
     root, cfg = pipeline_root
     bench.run(cfg, Paths(root))
     by_name = {v["name"]: v for v in json.loads((root / "metrics" / "bench.json").read_text())["variants"]}

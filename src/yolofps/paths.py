@@ -55,3 +55,14 @@ class Paths:
     def metrics(self, stage: str) -> Path:
         """Flat metrics JSON of a stage (DVC `metrics`, `cache: false`)."""
         return self.root / "metrics" / f"{stage}.json"
+
+    def model_folder(self, name: str) -> Path:
+        """The torch model folder of a model name: train, distill or prune-<ratio> (quantize.source's values)."""
+        if name == "train":
+            return self.models("train") / "best"
+        if name == "distill":
+            return self.models("distill")
+        if name.startswith("prune-"):
+            return self.models("prune") / name
+        raise ValueError(f"a model name is train, distill or prune-<ratio>, got {name!r}")
+

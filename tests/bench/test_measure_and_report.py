@@ -9,9 +9,10 @@ import torch
 
 from yolofps import device as dev
 from yolofps.bench import contract, measure, report
-from yolofps.bench.variants import Variant, build, plan
+from yolofps.bench.variants import plan
 from yolofps.model.spec import preset
 from yolofps.model.yolo import build_model
+from yolofps.runtime import Deployment, Execution, Letterboxed, Pipeline, build_pipeline, host
 
 CPU = dev.resolve("cpu", amp=False)
 
@@ -49,11 +50,10 @@ class Confident(torch.nn.Module):
 
 
 def test_end_to_end_timing_returns_every_field_and_ordered_percentiles(images, tiny):
-    deployment = measure.Deployment(imgsz=64, conf=0.0, iou=0.45, max_det=50)
-    detectors = {"eager": (tiny, CPU), "trace": (build(Variant("m", "torch", "trace", "fp32", "cpu"), tiny, CPU, 64,
-                                                         onnx_path=None, threads=None), CPU)}
-    timings, failures = measure.time_interleaved(detectors, measure.batches_of(images, 1), deployment,
-                                                 warmup=1, runs=7, block=3)
+    deployment = Deployment(imgsz=64, conf=0.0, iou=0.45, max_det=50)
+    detectors = {"eager": build_pipeline(Execution(), deployment, CPU, model=tiny),
+                 "trace": build_pipeline(Execution(mode="trace"), deployment, CPU, model=tiny)}
+    timings, failures = measure.time_interleaved(detectors, measure.batches_of(images, 1), warmup=1, runs=7, block=3)
     assert not failures
     for timing in timings.values():
         assert len(timing.pre) == len(timing.model) == len(timing.post) == 7
@@ -61,7 +61,7 @@ def test_end_to_end_timing_returns_every_field_and_ordered_percentiles(images, t
         assert set(lat) == {"p50", "p95", "p99", "pre", "model", "post"}
         assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"] and min(lat["pre"], lat["model"], lat["post"]) > 0
     # boxes come back in original pixels, inside each image
-    for dets, path in zip(measure.detect(tiny, images, deployment, CPU), images):
+    for dets, path in zip(detectors["eager"].detect(images), images):
         height, width = cv2.imread(str(path)).shape[:2]
         assert dets.shape[1] == 6 and 0 < len(dets) <= 50
         assert (dets[:, [0, 2]] <= width).all() and (dets[:, [1, 3]] <= height).all() and (dets[:, :4] >= 0).all()
@@ -71,17 +71,17 @@ def test_a_variant_that_raises_while_timing_is_reported_not_fatal(images, tiny):
     def broken(_images):
         raise RuntimeError("kernel not available")
 
-    deployment = measure.Deployment(imgsz=64)
-    timings, failures = measure.time_interleaved({"ok": (tiny, CPU), "broken": (broken, CPU)},
-                                                 measure.batches_of(images, 2), deployment, warmup=0, runs=2)
+    deployment = Deployment(imgsz=64)
+    pipelines = {"ok": Pipeline(tiny, deployment, CPU), "broken": Pipeline(broken, deployment, CPU)}
+    timings, failures = measure.time_interleaved(pipelines, measure.batches_of(images, 2), warmup=0, runs=2)
     assert set(timings) == {"ok"} and "kernel not available" in failures["broken"]
 
 
 def test_agreement_catches_a_broken_variant(images, tiny):
-    deployment = measure.Deployment(imgsz=64, conf=0.05)
-    reference = measure.detect(tiny, images, deployment, CPU)
+    deployment = Deployment(imgsz=64, conf=0.05)
+    reference = Pipeline(tiny, deployment, CPU).detect(images)
     assert measure.agreement(reference, reference) == 1.0
-    assert measure.agreement(reference, measure.detect(Confident(tiny), images, deployment, CPU)) < 0.5
+    assert measure.agreement(reference, Pipeline(Confident(tiny), deployment, CPU).detect(images)) < 0.5
 
 
 def test_agreement_on_hand_made_detections():
@@ -127,7 +127,7 @@ def test_policy_picks_the_fastest_within_the_accuracy_budget():
     assert by_name["prune-0.5/onnxruntime-fp32"]["status"] == "rejected"
     assert by_name["prune-0.3/onnxruntime-fp32"]["status"] == "ok"
     assert by_name["prune-0.3/onnxruntime-fp32"]["speedup_b1"] == 4.0
-    assert by_name["prune-0.3/onnxruntime-fp32"]["speedup_vs_onnx_b1"] == 1.6
+    assert by_name["prune-0.3/onnxruntime-fp32"]["speedup_vs_reference_b1"] == 1.6
     selected = report.select(rows, "fastest_within_drop", 0.015)
     assert selected["name"] == "prune-0.3/onnxruntime-fp32" and "0.015" in selected["reason"]
     assert "front" not in selected
@@ -197,21 +197,26 @@ def test_deployment_postprocess_matches_the_evaluation_nms(seed, conf):
     centres = torch.rand(n, 2, generator=generator) * 320
     sizes = torch.rand(n, 2, generator=generator) * 60 + 4  # crowded: plenty of overlaps to suppress
     pred = torch.cat((centres, sizes, torch.rand(n, 1 + num_classes, generator=generator)), 1)[None]
-    meta = measure.Letterboxed("x", (240, 320), ratio=1.0, pad=(0.0, 40.0))
-    deployment = measure.Deployment(imgsz=320, conf=conf, iou=0.45, max_det=100)
-    (got,) = measure.postprocess(pred, [meta], deployment)
+    meta = Letterboxed("x", (240, 320), ratio=1.0, pad=(0.0, 40.0))
+    deployment = Deployment(imgsz=320, conf=conf, iou=0.45, max_det=100)
+    (got,) = host.postprocess(pred, [meta], deployment)
     (want,) = non_max_suppression(pred, conf, 0.45, max_det=100)
     want[:, :4] = scale_boxes(want[:, :4], (320, 320), meta.orig_shape, ((1.0, 1.0), meta.pad))
     assert 0 < len(got) == len(want) <= 100
     np.testing.assert_allclose(got, want.numpy(), atol=1e-3)
-    (none,) = measure.postprocess(pred, [meta], measure.Deployment(imgsz=320, conf=0.9999))
+    (none,) = host.postprocess(pred, [meta], Deployment(imgsz=320, conf=0.9999))
     assert none.shape == (0, 6)
 
 
-def test_onnx_rows_per_thread_setting_and_the_reference_is_the_fastest():
-    variants, _ = plan("train", ("eager", "onnxruntime"), CPU, ort_threads=(0, 1))
-    assert [v.name for v in variants] == ["train/eager-fp32", "train/onnxruntime-fp32", "train/onnxruntime-1t-fp32"]
-    assert [v.threads for v in variants] == [0, 0, 1]
+def test_runtime_rows_per_thread_setting_and_the_reference_is_the_fastest():
+    variants, skipped = plan("train", ("eager", "onnxruntime", "openvino"), CPU, runtime_threads=(0, 1))
+    from yolofps.runtime.openvino import unavailable
+
+    openvino = [f"train/openvino{t}-{d}" for d in ("fp32", "bf16") if not unavailable(d) for t in ("", "-1t")]
+    assert [v.name for v in variants] == ["train/eager-fp32", "train/onnxruntime-fp32",
+                                          "train/onnxruntime-1t-fp32"] + openvino
+    assert [v.execution.threads for v in variants[:3]] == [0, 0, 1]
+    assert bool(unavailable("bf16")) == any(s["mode"] == "openvino-bf16" for s in skipped)
     rows = [_row("train/eager-fp32", 20.0, 0.6, baseline=True),
             _row("train/onnxruntime-fp32", 50.0, 0.6), _row("train/onnxruntime-1t-fp32", 40.0, 0.6),
             _row("prune-0.5/onnxruntime-1t-fp32", 100.0, 0.6)]
@@ -219,4 +224,16 @@ def test_onnx_rows_per_thread_setting_and_the_reference_is_the_fastest():
     rows[2]["fps_b1"] = 60.0  # the baseline is credited with its own best thread setting too
     report.add_speedups(rows)
     assert report.reference_row(rows)["name"] == "train/onnxruntime-1t-fp32"
-    assert rows[3]["speedup_vs_onnx_b1"] == pytest.approx(100 / 60, abs=1e-3)
+    assert rows[3]["speedup_vs_reference_b1"] == pytest.approx(100 / 60, abs=1e-3)
+
+
+def test_the_reference_is_the_unpruned_models_fastest_float_row_on_any_runtime():
+    """A runtime switch (OpenVINO bf16) is not credited to pruning; INT8 of the unpruned model is not a bar."""
+    rows = [_row("train/eager-fp32", 20.0, 0.6, baseline=True), _row("train/onnxruntime-fp32", 50.0, 0.6),
+            _row("train/openvino-bf16", 90.0, 0.6) | {"runtime": "openvino", "dtype": "bf16"},
+            _row("train/openvino-int8", 150.0, 0.6) | {"runtime": "openvino", "dtype": "int8"},
+            _row("prune-0.5/openvino-bf16", 180.0, 0.6) | {"runtime": "openvino", "dtype": "bf16"},
+            _row("prune-0.3/openvino-bf16", 500.0, 0.6, status="failed")]
+    report.add_speedups(rows)
+    assert report.reference_row(rows)["name"] == "train/openvino-bf16"
+    assert rows[4]["speedup_vs_reference_b1"] == 2.0 and rows[4]["speedup_b1"] == 9.0

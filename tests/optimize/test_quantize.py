@@ -1,4 +1,4 @@
-"""ONNX export, onnxruntime INT8 static quantization, and the ORT detector behind engine.predict."""
+"""ONNX export, onnxruntime INT8 static quantization, and the ORT backend behind engine.predict."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from torch import nn
 
 from yolofps import device as dev
 from yolofps.data import synthetic
@@ -17,10 +16,12 @@ from yolofps.data.dataset import LoaderSpec, YoloDataset, build_loader
 from yolofps.engine.predict import predict
 from yolofps.model.spec import preset
 from yolofps.model.yolo import YOLOv5, build_model
-from yolofps.optimize.export import OrtDetector, export_onnx
+from yolofps.runtime import Deployment, Pipeline
+from yolofps.runtime.backends import OrtBackend, TorchBackend
+from yolofps.optimize.export import export_onnx
 from yolofps.optimize.quantize import calibration_batches, detect_head_nodes, quantize_static_int8
 
-from helpers import TINY_SPEC
+from helpers import TINY_SPEC, lively
 
 SIZE = 64
 
@@ -36,35 +37,10 @@ def _images(data_yaml: Path, split: str) -> list[Path]:
     return sorted((data_yaml.parent / "images" / split).glob("*.jpg"))
 
 
-def _lively(model: YOLOv5, images: torch.Tensor) -> YOLOv5:
-    """Random weights with a live, smooth signal, and BatchNorm statistics taken from real images.
-
-    With the default init the activations fade layer by layer, every output is ~its bias, and any export or
-    quantization error would hide. Zero-mean random weights with data-set BatchNorm go the other way: chaotic,
-    1/255 of input noise moves the scores as much as changing the image. A small shared positive weight component
-    sits between the two, like a trained network: outputs depend on the image, not on its last bit.
-    """
-    torch.manual_seed(0)
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            nn.init.normal_(module.weight)
-            module.weight.data += 0.2
-        elif isinstance(module, nn.BatchNorm2d):
-            module.reset_running_stats()
-            module.momentum = None  # a cumulative average: one batch sets the running statistics
-    for conv in model.detect.m:
-        nn.init.normal_(conv.weight, std=2 / conv.in_channels ** 0.5)
-        nn.init.zeros_(conv.bias)  # objectness and class scores spread around 0.5 instead of the ~0 prior
-    model.train()
-    with torch.no_grad():
-        model(images)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def model(data_yaml: Path) -> YOLOv5:
     images = torch.from_numpy(np.concatenate(list(calibration_batches(_images(data_yaml, "train"), SIZE))))
-    return _lively(build_model(preset("tiny", 3)), images)
+    return lively(build_model(preset("tiny", 3)), images)
 
 
 @pytest.fixture(scope="module")
@@ -94,14 +70,14 @@ def test_ort_fp32_matches_torch(model: YOLOv5, fp32_path: Path, batch: int) -> N
     images = torch.rand(batch, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(batch))
     with torch.no_grad():
         reference = model(images)
-    output = OrtDetector(fp32_path, threads=1).eval()(images)
+    output = OrtBackend(fp32_path, threads=1)(images)
     assert output.shape == reference.shape == (batch, 3 * (8 * 8 + 4 * 4 + 2 * 2), 8)
     assert reference[..., 4].std() > 0.05  # the model is not degenerate: scores vary
     torch.testing.assert_close(output, reference, rtol=1e-4, atol=1e-4 * reference.abs().max().item())
 
 
-def test_ort_detector_fixes_the_batch_dimension_per_batch_size(fp32_path: Path) -> None:
-    detector = OrtDetector(fp32_path, threads=1)
+def test_ort_backend_fixes_the_batch_dimension_per_batch_size(fp32_path: Path) -> None:
+    detector = OrtBackend(fp32_path, threads=1)
     assert detector.batch_dim == "batch"  # export_onnx's dynamic axis
     for batch in (1, 3, 1):
         images = torch.rand(batch, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(batch))
@@ -123,8 +99,8 @@ def test_int8_is_smaller_quantized_and_close(fp32_path: Path, int8: tuple[Path, 
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     assert info["calibration_images"] == 8 and info["excluded_nodes"] > 0
     images = _val_batch(data_yaml)
-    reference = OrtDetector(fp32_path)(images)
-    score_error, box_error = _errors(reference, OrtDetector(path)(images))
+    reference = OrtBackend(fp32_path)(images)
+    score_error, box_error = _errors(reference, OrtBackend(path)(images))
     assert score_error < 0.05 and box_error < 3.0, (score_error, box_error)
 
 
@@ -157,19 +133,19 @@ def test_naive_int8_breaks_the_scores(fp32_path: Path, int8: tuple[Path, dict], 
     quantize_static_int8(fp32_path, naive, calibration_batches(_images(data_yaml, "train"), SIZE),
                          keep_head_float=False)
     images = _val_batch(data_yaml)
-    reference = OrtDetector(fp32_path)(images)
-    naive_score_error, _ = _errors(reference, OrtDetector(naive)(images))
-    kept_score_error, _ = _errors(reference, OrtDetector(int8[0])(images))
+    reference = OrtBackend(fp32_path)(images)
+    naive_score_error, _ = _errors(reference, OrtBackend(naive)(images))
+    kept_score_error, _ = _errors(reference, OrtBackend(int8[0])(images))
     assert naive_score_error > 3 * kept_score_error, (naive_score_error, kept_score_error)
 
 
-def test_ort_detector_in_predict(model: YOLOv5, fp32_path: Path, data_yaml: Path) -> None:
+def test_ort_backend_in_predict(model: YOLOv5, fp32_path: Path, data_yaml: Path) -> None:
     loader = build_loader(YoloDataset(data_yaml, "val", LoaderSpec(image_size=SIZE), train=False), 2,
                           shuffle=False, workers=0)
     info = dev.resolve("cpu")
-    settings = {"conf": 0.25, "iou": 0.6, "max_det": 100}
-    expected = predict(model, loader, info, **settings)
-    got = predict(OrtDetector(fp32_path, threads=1), loader, info, **settings)
+    settings = Deployment(SIZE, conf=0.25, iou=0.6, max_det=100)
+    expected = predict(Pipeline(TorchBackend(model), settings, info), loader)
+    got = predict(Pipeline(OrtBackend(fp32_path, threads=1), settings, info), loader)
     assert got.paths == expected.paths and sum(len(d) for d in expected.detections) > 0
     for ours, theirs in zip(got.detections, expected.detections):
         np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-2)

@@ -20,7 +20,7 @@ VARIANT = {
         "name": {"type": "string"},
         "baseline": {"type": "boolean"},
         "model": {"type": "string"},
-        "runtime": {"enum": ["torch", "onnxruntime", "xla"]},
+        "runtime": {"enum": ["torch", "onnxruntime", "openvino", "xla"]},
         "mode": {"enum": ["eager", "channels_last", "trace", "compile", "cudagraph"]},
         "status": {"enum": ["ok", "failed", "rejected"]},
         "device": {"type": "string"},
@@ -35,7 +35,8 @@ VARIANT = {
         "params_m": _NUMBER,
         "gflops": _NUMBER,
         "speedup_b1": _NUMBER,
-        "threads": {"type": "integer", "minimum": 0},  # onnxruntime intra-op threads; 0 = environment.threads
+        "speedup_vs_reference_b1": _NUMBER,  # against the unpruned model's fastest float row, any runtime
+        "threads": {"type": "integer", "minimum": 0},  # ONNX Runtime / OpenVINO threads; 0 = environment.threads
         "reason": {"type": "string"},
         "artifact": {"type": "string"},
     },

@@ -23,13 +23,28 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# the instruction sets that decide which runtime and dtype win on a CPU (bf16, INT8 dot products, AMX tiles)
+DECISIVE_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "amx_tile")
+
+
+def cpu_flags() -> list[str]:
+    """The decisive x86 flags this CPU has (from /proc/cpuinfo; empty where it is not readable)."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = next((line.split(":", 1)[1].split() for line in handle if line.startswith("flags")), [])
+    except OSError:
+        return []
+    return [flag for flag in DECISIVE_FLAGS if flag in flags]
+
+
 def environment_stamp(packages: tuple[str, ...] = ("torch", "numpy", "opencv-python-headless", "albumentations",
-                                                  "onnxruntime")) -> dict:
-    """CPU/GPU, core count, OS, Python and package versions, and the time of measurement (UTC)."""
+                                                  "onnxruntime", "openvino", "nncf")) -> dict:
+    """CPU/GPU, core count, CPU flags that decide a winner, OS, Python, package versions, time of measurement (UTC)."""
     stamp = {
         "time_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "cpu": cpu_model(),
         "cpu_cores": os.cpu_count(),
+        "cpu_flags": cpu_flags(),
         "platform": platform.platform(),
         "python": platform.python_version(),
     }

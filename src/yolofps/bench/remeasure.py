@@ -18,6 +18,7 @@ from yolofps.bench.environment import device_name, environment_stamp
 from yolofps.config import Config
 from yolofps.data import formats
 from yolofps.paths import Paths
+from yolofps.runtime import Deployment, Pipeline
 
 
 def remeasure(detectors: dict[str, Any], images: Sequence[Path], *, warmup: int, runs: int) -> dict[str, dict]:
@@ -30,18 +31,18 @@ def remeasure(detectors: dict[str, Any], images: Sequence[Path], *, warmup: int,
     if not images:
         raise ValueError("no images to time the models on")
     stamp = environment_stamp()
-    groups: dict[measure.Deployment, dict[str, tuple[Any, Any]]] = {}
+    groups: dict[Deployment, dict[str, Pipeline]] = {}
     for label, detector in detectors.items():
-        groups.setdefault(detector.deployment, {})[label] = (detector.model, detector.info)
+        groups.setdefault(detector.pipeline.deployment, {})[label] = detector.pipeline
     results: dict[str, dict] = {}
     for deployment, group in groups.items():
-        timings, failures = measure.time_interleaved(group, measure.batches_of(list(images), 1), deployment,
-                                                     warmup=warmup, runs=runs)
+        timings, failures = measure.time_interleaved(group, measure.batches_of(list(images), 1), warmup=warmup,
+                                                     runs=runs)
         for label, error in failures.items():
             results[label] = {"error": error}
         for label, timing in timings.items():
             stats = timing.latency()
-            kind = group[label][1].kind
+            kind = group[label].info.kind
             results[label] = {"fps_b1": round(1000 / stats["p50"], 2), "latency_ms_b1": stats,
                               "bench_device_name": device_name(stamp),
                               "bench_environment": stamp | {"device": kind, "imgsz": deployment.imgsz}}

@@ -10,22 +10,23 @@ from yolofps.config.common import _check
 from yolofps.redact import has_secret
 
 
-BENCH_MODES = ("eager", "channels_last", "trace", "compile", "onnxruntime", "fp16", "bf16", "cudagraph")
+BENCH_MODES = ("eager", "channels_last", "trace", "compile", "onnxruntime", "openvino", "fp16", "bf16", "cudagraph")
 
 
 @dataclass(frozen=True)
 class BenchConfig:
     """`bench` section: end-to-end latency, throughput and mAP of every variant, and the selection policy."""
 
-    modes: tuple[str, ...] = ("eager", "channels_last", "trace", "compile", "onnxruntime", "fp16", "cudagraph")
+    modes: tuple[str, ...] = ("eager", "channels_last", "trace", "compile", "onnxruntime", "openvino", "fp16",
+                              "cudagraph")
     batch_sizes: tuple[int, ...] = (1, 8)  # throughput (img/s, end to end) at each
     warmup: int = 5
     runs: int = 50  # timed batch-1 runs per variant (p50/p95/p99)
     throughput_runs: int = 5  # timed batches per batch size
     threads: int = 0  # CPU threads for torch and onnxruntime; 0 = all cores
-    # onnxruntime intra-op threads each ONNX model is timed with, one row each (0 = `threads`): without spinning
-    # workers, a small pruned graph at batch 1 can run faster on 1 thread than on 2 (per-op wake-ups)
-    ort_threads: tuple[int, ...] = (0,)
+    # intra-op threads each ONNX Runtime / OpenVINO row is timed with, one row each (0 = `threads`): a small
+    # pruned graph at batch 1 can run faster on 1 thread than on 2 (per-op wake-ups)
+    runtime_threads: tuple[int, ...] = (0,)
     conf: float = 0.25  # deployment post-processing settings (the timed NMS)
     iou: float = 0.45
     max_det: int = 300
@@ -45,9 +46,9 @@ class BenchConfig:
                "bench.warmup >= 0, bench.runs >= 3 and bench.throughput_runs >= 1")
         _check(self.threads >= 0 and self.max_det >= 1 and self.check_images >= 1,
                "bench.threads >= 0, bench.max_det >= 1 and bench.check_images >= 1")
-        _check(len(self.ort_threads) >= 1 and all(t >= 0 for t in self.ort_threads)
-               and len(set(self.ort_threads)) == len(self.ort_threads),
-               "bench.ort_threads must be distinct thread counts >= 0 (0 = bench.threads)")
+        _check(len(self.runtime_threads) >= 1 and all(t >= 0 for t in self.runtime_threads)
+               and len(set(self.runtime_threads)) == len(self.runtime_threads),
+               "bench.runtime_threads must be distinct thread counts >= 0 (0 = bench.threads)")
         _check(0 <= self.conf < 1 and 0 < self.iou <= 1, "bench.conf must be in [0, 1) and bench.iou in (0, 1]")
         _check(0 <= self.min_agreement <= 1 and 0 <= self.min_agreement_int8 <= 1,
                "bench.min_agreement and bench.min_agreement_int8 must be in [0, 1]")

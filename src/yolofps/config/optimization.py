@@ -44,16 +44,19 @@ class DistillConfig:
 
 @dataclass(frozen=True)
 class QuantizeConfig:
-    """`quantize` section: ONNX Runtime fp32 and static INT8 (CPU); fp16/bf16 variants on CUDA."""
+    """`quantize` section: ONNX Runtime static INT8 and OpenVINO INT8 (NNCF, accuracy control); fp16/bf16 on CUDA."""
 
     source: str = "distill"  # which model to quantize: distill | train | prune-<ratio>
     calibration_images: int = 64  # train images used to calibrate INT8 activation ranges
     per_channel: bool = True
     keep_head_float: bool = True  # the Detect decode math stays float (quantizing it destroys mAP)
     max_map_drop: float = 0.015  # INT8 losing more mAP50-95 than this vs its fp32 source is rejected
+    accuracy_control: bool = True  # OpenVINO INT8: NNCF reverts layers to float until the drop is within max_map_drop
     opset: int = 17
 
     def __post_init__(self) -> None:
+        _check(self.source in ("train", "distill") or self.source.startswith("prune-"),
+               f"quantize.source must be train, distill or prune-<ratio>, got {self.source!r}")
         _check(self.calibration_images >= 1, "quantize.calibration_images must be >= 1")
         _check(0 <= self.max_map_drop <= 1, "quantize.max_map_drop must be in [0, 1]")
         _check(self.opset >= 17, "quantize.opset must be >= 17")

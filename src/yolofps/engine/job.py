@@ -17,7 +17,7 @@ from yolofps.config import Config, TrainConfig, to_dict
 from yolofps.data.dataset import LoaderSpec, YoloDataset, build_loader
 from yolofps.engine import checkpoint
 from yolofps.engine.evaluate import EvalResult
-from yolofps.engine.predict import Predictions, evaluate_model, fitness
+from yolofps.engine.predict import Predictions, evaluate_model, evaluate_pipeline, fitness
 from yolofps.engine.train import EpochEnd, FitState, Objective, fit, resolve_optimizer
 from yolofps.errors import ConfigError
 from yolofps.fileio import write_json
@@ -25,6 +25,7 @@ from yolofps.lineage import params_hash
 from yolofps.model.yolo import YOLOv5
 from yolofps.paths import Paths
 from yolofps.registry import TrackingRun
+from yolofps.runtime import Deployment, Pipeline
 
 
 @dataclass
@@ -63,6 +64,12 @@ def evaluate(model, data: Data, info: dev.DeviceInfo, train: TrainConfig) -> tup
     model, info = dev.host_model(model, info)
     return evaluate_model(model, data.val_loader, info, data.names, conf=train.conf, iou=train.iou,
                           max_det=train.max_det)
+
+
+def evaluate_variant(pipeline: Pipeline, data: Data, train: TrainConfig) -> tuple[EvalResult, Predictions]:
+    """COCO evaluation of any runtime pipeline (a bench row, a quantized model) at the train section's val settings."""
+    settings = Deployment(pipeline.deployment.imgsz, train.conf, train.iou, train.max_det)
+    return evaluate_pipeline(pipeline.with_deployment(settings), data.val_loader, data.names)
 
 
 def job_hash(cfg: Config, train: TrainConfig, extra: Any = None) -> str:

@@ -1,4 +1,9 @@
-"""Run a detector over a loader and score it with the COCO protocol (used after every epoch and at the end)."""
+"""Run a detector over an evaluation loader and score it with the COCO protocol (after every epoch and at the end).
+
+The detector is a `runtime.Pipeline`: the same backend and post-processing that the bench times and the registered
+model serves, at the evaluation's NMS settings (ultralytics val: conf 0.001, IoU 0.6, max_det 300). The loader's
+letterbox is the pipeline's pre-processing (`data.dataset.letterbox`), done once per image for every epoch.
+"""
 
 from __future__ import annotations
 
@@ -7,13 +12,12 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
-import torch
 from torch import nn
 
 from yolofps import device as dev
 from yolofps.data import formats
 from yolofps.engine.evaluate import EvalResult, evaluate_detections
-from yolofps.model.postprocess import non_max_suppression, scale_boxes
+from yolofps.runtime import Deployment, Letterboxed, Pipeline, eval_pipeline
 
 
 @dataclass(frozen=True)
@@ -26,24 +30,16 @@ class Predictions:
     image_sizes: list[tuple[int, int]]  # (height, width)
 
 
-@torch.no_grad()
-def predict(model: nn.Module, loader: Iterable, info: dev.DeviceInfo, *, conf: float, iou: float,
-            max_det: int) -> Predictions:
-    """Decode + NMS every batch, map boxes back through the letterbox, read ground truth from the label files."""
-    model.eval()
+def predict(pipeline: Pipeline, loader: Iterable) -> Predictions:
+    """Backend + NMS on every loader batch, boxes mapped back through the letterbox, ground truth from the labels."""
     out = Predictions([], [], [], [])
     for images, _, _, metas in loader:
-        with dev.autocast(info):
-            decoded = model(dev.to_device(images, info))  # [B, N, 5+nc] in input pixels
-        input_shape = tuple(images.shape[2:])
-        for dets, meta in zip(non_max_suppression(decoded.float(), conf, iou, max_det=max_det), metas):
-            dets = dets.cpu().clone()
-            ratio_pad = ((meta["ratio"], meta["ratio"]), meta["pad"])
-            dets[:, :4] = scale_boxes(dets[:, :4], input_shape, meta["orig_shape"], ratio_pad)
-            out.paths.append(meta["path"])
-            out.detections.append(dets.numpy())
-            out.ground_truth.append(ground_truth_pixels(Path(meta["path"]), meta["orig_shape"]))
-            out.image_sizes.append(tuple(meta["orig_shape"]))
+        boxes = [Letterboxed.from_loader(meta) for meta in metas]
+        for dets, meta in zip(pipeline.infer(dev.to_device(images, pipeline.info), boxes), boxes):
+            out.paths.append(meta.path)
+            out.detections.append(dets)
+            out.ground_truth.append(ground_truth_pixels(Path(meta.path), meta.orig_shape))
+            out.image_sizes.append(meta.orig_shape)
     return out
 
 
@@ -55,12 +51,18 @@ def ground_truth_pixels(image: Path, shape: Sequence[int]) -> np.ndarray:
     return np.stack([rows[:, 0], cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1).astype(np.float32)
 
 
-def evaluate_model(model: nn.Module, loader: Iterable, info: dev.DeviceInfo, names: Sequence[str], *,
-                   conf: float = 0.001, iou: float = 0.6, max_det: int = 300) -> tuple[EvalResult, Predictions]:
-    """COCO mAP of a model on a loader (ultralytics val settings by default)."""
-    preds = predict(model, loader, info, conf=conf, iou=iou, max_det=max_det)
-    result = evaluate_detections(preds.detections, preds.ground_truth, preds.image_sizes, names)
-    return result, preds
+def evaluate_pipeline(pipeline: Pipeline, loader: Iterable, names: Sequence[str]) -> tuple[EvalResult, Predictions]:
+    """COCO mAP of a pipeline (at its deployment's NMS settings) on an evaluation loader."""
+    preds = predict(pipeline, loader)
+    return evaluate_detections(preds.detections, preds.ground_truth, preds.image_sizes, names), preds
+
+
+def evaluate_model(model: nn.Module, loader, info: dev.DeviceInfo, names: Sequence[str], *, conf: float = 0.001,
+                   iou: float = 0.6, max_det: int = 300) -> tuple[EvalResult, Predictions]:
+    """COCO mAP of a torch model as it is (eval mode, the device's autocast); ultralytics val settings by default."""
+    model.eval()
+    deployment = Deployment(loader.dataset.spec.image_size, conf, iou, max_det)
+    return evaluate_pipeline(eval_pipeline(model, info, deployment), loader, names)
 
 
 def fitness(metrics: dict[str, float]) -> float:

@@ -1,7 +1,7 @@
-"""A deployable detector: image files or arrays in, detections in original pixels out — the bench stage's path.
+"""A deployable detector: image files or arrays in, detections in original pixels out — the bench stage's pipeline.
 
-The same pre-processing (letterbox), model call and post-processing (NMS at deployment settings) that the bench
-stage times serve the registered model, so its `fps_b1` tag describes what a caller of the model gets.
+The registered model runs through `runtime.build_pipeline` with the execution it was benchmarked with (runtime,
+mode, dtype, threads), so its `fps_b1` tag describes what a caller of the model gets.
 """
 
 from __future__ import annotations
@@ -11,12 +11,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 
 from yolofps import device as dev
-from yolofps.bench import measure
-from yolofps.bench.variants import Variant, build
 from yolofps.engine import checkpoint
+from yolofps.runtime import Deployment, Execution, build_pipeline
 
 COLUMNS = ["image_index", "x1", "y1", "x2", "y2", "score", "class_id", "class_name"]
 
@@ -25,7 +23,7 @@ COLUMNS = ["image_index", "x1", "y1", "x2", "y2", "score", "class_id", "class_na
 class ServingConfig:
     """How the registered variant runs (the MLflow model_config; every value JSON-friendly)."""
 
-    runtime: str  # torch | onnxruntime
+    runtime: str  # torch | onnxruntime | openvino
     mode: str  # eager | channels_last | trace | compile | cudagraph
     dtype: str  # fp32 | fp16 | bf16 | int8
     imgsz: int
@@ -33,8 +31,8 @@ class ServingConfig:
     conf: float = 0.25
     iou: float = 0.45
     max_det: int = 300
-    device: str = "auto"  # where a torch variant runs when loaded (onnxruntime variants run on the CPU)
-    threads: int = 0  # onnxruntime intra-op threads the variant was benchmarked with; 0 = onnxruntime's default
+    device: str = "auto"  # where a torch variant runs when loaded (ONNX Runtime and OpenVINO run on the CPU)
+    threads: int = 0  # ONNX Runtime / OpenVINO intra-op threads the variant was benchmarked with; 0 = all cores
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ServingConfig:
@@ -42,25 +40,23 @@ class ServingConfig:
 
 
 class Detector:
-    """Load a model artifact (a checkpoint folder or an ONNX file) and detect objects in images."""
+    """Load a model artifact (a checkpoint folder, an ONNX file or an OpenVINO IR folder) and detect objects."""
 
     def __init__(self, artifact: str | Path, config: ServingConfig) -> None:
         self.config = config
         artifact = Path(artifact)
-        self.deployment = measure.Deployment(config.imgsz, config.conf, config.iou, config.max_det)
-        wanted = "cpu" if config.runtime == "onnxruntime" else config.device
-        self.info = dev.resolve(wanted, amp=False)
-        variant = Variant("served", config.runtime, config.mode, config.dtype, self.info.kind, config.threads)
-        if artifact.suffix == ".onnx":
-            self.model = build(variant, None, self.info, config.imgsz, onnx_path=artifact, threads=None)
-        else:
+        deployment = Deployment(config.imgsz, config.conf, config.iou, config.max_det)
+        execution = Execution(config.runtime, config.mode, config.dtype, config.threads)
+        info = dev.resolve("cpu" if config.runtime in ("onnxruntime", "openvino") else config.device, amp=False)
+        if config.runtime in ("torch", "xla"):
             torch_model, _ = checkpoint.load_model(artifact)
-            self.model = build(variant, torch_model.eval(), self.info, config.imgsz, onnx_path=None, threads=None)
+            self.pipeline = build_pipeline(execution, deployment, info, model=torch_model.eval())
+        else:
+            self.pipeline = build_pipeline(execution, deployment, info, artifact=artifact)
 
     def detect(self, images: Sequence[str | Path | np.ndarray]) -> list[np.ndarray]:
         """Per image [k, 6] (x1, y1, x2, y2, score, class) in its own pixels; arrays are uint8 RGB HWC."""
-        with torch.inference_mode():
-            return measure.detect(self.model, list(images), self.deployment, self.info)
+        return self.pipeline.detect(list(images))
 
     def rows(self, images: Sequence[str | Path | np.ndarray]) -> list[dict[str, Any]]:
         """Detections as records: image index, box xyxy in original pixels, score, class id and name."""

@@ -25,41 +25,46 @@ import torch
 from yolofps import device as dev
 from yolofps.bench import contract, measure, report
 from yolofps.bench.environment import environment_stamp
-from yolofps.bench.variants import Variant, build, onnx_variants, plan
+from yolofps.bench.variants import Variant, plan
 from yolofps.config import BenchConfig, Config, to_dict
 from yolofps.data import formats
 from yolofps.engine import checkpoint, job
 from yolofps.fileio import fresh_dir, write_json
 from yolofps.lineage import lineage_tags
 from yolofps.model.yolo import YOLOv5, model_info
+from yolofps.optimize.export import export_onnx, export_openvino
 from yolofps.paths import Paths
 from yolofps.registry import TrackingRun, log_to_parent_run
+from yolofps.runtime import Deployment, Execution, Pipeline, build_pipeline
 from yolofps.stages import StageResult
+
+INT8_VARIANTS = {"onnxruntime": "ort-int8", "openvino": "openvino-int8"}  # runtime -> the quantize stage's variant
 
 
 @dataclasses.dataclass(frozen=True)
 class SourceModel:
-    """A model artifact to benchmark: a torch checkpoint folder, or an ONNX file with the torch model it came from."""
+    """A model to benchmark: a torch checkpoint folder, or the quantize stage's INT8 files with their fp32 source."""
 
     name: str  # train, prune-0.5, distill, quantize
-    artifact: Path  # the folder or file a registry would load
-    torch_folder: Path  # the torch checkpoint (for quantize: the quantized model's fp32 source)
-    onnx: Path | None = None  # set for ONNX-only models (INT8)
-    verdict: dict[str, Any] | None = None  # the quantize stage's judgement of an INT8 model
+    torch_folder: Path  # the torch checkpoint (for quantize: the quantized model's fp32 source, the reference)
+    int8: dict[str, Path] = dataclasses.field(default_factory=dict)  # runtime -> INT8 model file (quantize only)
+    verdicts: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # runtime -> quantize's judgement
 
 
 def source_models(paths: Paths) -> list[SourceModel]:
     """Every model artifact the earlier stages left: baseline first, then pruned, distilled, quantized."""
-    found = [SourceModel("train", paths.models("train") / "best", paths.models("train") / "best")]
-    found += [SourceModel(p.name, p, p) for p in sorted(paths.models("prune").glob("prune-*"))]
-    found.append(SourceModel("distill", paths.models("distill"), paths.models("distill")))
+    found = [SourceModel("train", paths.model_folder("train"))]
+    found += [SourceModel(p.name, p) for p in sorted(paths.models("prune").glob("prune-*"))]
+    found.append(SourceModel("distill", paths.model_folder("distill")))
     quantized = paths.models("quantize")
-    if (quantized / "meta.json").is_file() and (quantized / "model_int8.onnx").is_file():
+    if (quantized / "meta.json").is_file():
         meta = json.loads((quantized / "meta.json").read_text())
-        from yolofps.stages.quantize import source_folder
-
-        found.append(SourceModel("quantize", quantized / "model_int8.onnx", source_folder(paths, meta["source"]),
-                                 quantized / "model_int8.onnx", meta.get("variants", {}).get("ort-int8")))
+        variants = meta.get("variants", {})
+        int8 = {runtime: quantized / variants[key]["file"] for runtime, key in INT8_VARIANTS.items()
+                if key in variants and (quantized / variants[key]["file"]).exists()}
+        verdicts = {runtime: variants[key] for runtime, key in INT8_VARIANTS.items() if runtime in int8}
+        if int8:
+            found.append(SourceModel("quantize", paths.model_folder(meta["source"]), int8, verdicts))
     return [m for m in found if (m.torch_folder / checkpoint.ARCH).is_file()]
 
 
@@ -70,15 +75,17 @@ def run(cfg: Config, paths: Paths = Paths()) -> StageResult:
     if b.threads:
         torch.set_num_threads(b.threads)
     _, base_meta = checkpoint.load_model(paths.models("train") / "best")
-    deployment = measure.Deployment(base_meta["imgsz"], b.conf, b.iou, b.max_det)
+    deployment = Deployment(base_meta["imgsz"], b.conf, b.iou, b.max_det)
     eval_train = dataclasses.replace(cfg.train, imgsz=deployment.imgsz, batch=1)  # b1: one traced/compiled shape
     data = job.load_data(cfg, paths, eval_train)
-    onnx_dir = fresh_dir(paths.models("bench"))
+    exports = fresh_dir(paths.models("bench"))
+    check_images = formats.list_images(paths.augmented_data / "images" / "val")[: b.check_images]
+    bench = Bench(b, info, deployment, data, eval_train, exports, check_images, paths.root)
     environment = _environment(cfg, info, deployment, paths)
     with TrackingRun(cfg.mlflow, run_name="bench", params={"bench": to_dict(b)},
                      tags=lineage_tags(paths.root, "bench", to_dict(b))) as tracking:
-        rows, skipped, live = check_all(paths, b, info, deployment, data, eval_train, onnx_dir)
-        time_variants(rows, live, data_images(data), deployment, b)
+        rows, skipped, live = check_all(bench, source_models(paths))
+        time_variants(rows, live, data_images(data), b)
         report.judge_accuracy(rows, b.max_map_drop)
         report.add_speedups(rows)
         selected = report.select(rows, b.policy, b.max_map_drop, b.fps_tie)
@@ -93,11 +100,11 @@ def run(cfg: Config, paths: Paths = Paths()) -> StageResult:
             tracking.log_artifacts(artifact, "bench")
             log_to_parent_run(cfg.mlflow, artifact, "bench")
     print(table, flush=True)
-    return StageResult(outputs={"metrics": paths.metrics("bench"), "reports": reports, "models": onnx_dir},
+    return StageResult(outputs={"metrics": paths.metrics("bench"), "reports": reports, "models": exports},
                        metrics=result["summary"])
 
 
-def _environment(cfg: Config, info: dev.DeviceInfo, deployment: measure.Deployment, paths: Paths) -> dict[str, Any]:
+def _environment(cfg: Config, info: dev.DeviceInfo, deployment: Deployment, paths: Paths) -> dict[str, Any]:
     """The environment stamp plus what every figure of this run shares: device, size, batches, NMS and eval settings."""
     val_images = formats.list_images(paths.augmented_data / "images" / "val")
     return environment_stamp() | {"device": info.kind, "imgsz": deployment.imgsz,
@@ -107,43 +114,70 @@ def _environment(cfg: Config, info: dev.DeviceInfo, deployment: measure.Deployme
                                                  "max_det": cfg.train.max_det, "images": len(val_images)}}
 
 
-def check_all(paths: Paths, b: BenchConfig, info: dev.DeviceInfo, deployment: measure.Deployment, data: job.Data,
-              eval_train, onnx_dir: Path) -> tuple[list[dict[str, Any]], list[dict[str, str]], dict[str, Any]]:
-    """Build, check and score every model × mode: the rows, the skipped modes, and the live detectors to time."""
-    check_images = formats.list_images(paths.augmented_data / "images" / "val")[: b.check_images]
+@dataclasses.dataclass(frozen=True)
+class Bench:
+    """What every row of one bench run shares: settings, device, deployment, data and where exports go."""
+
+    b: BenchConfig
+    info: dev.DeviceInfo
+    deployment: Deployment
+    data: job.Data
+    eval_train: Any  # the train section with the deployment's image size: evaluation settings
+    exports: Path  # models/bench: the ONNX and OpenVINO IR exports the rows run (registrable artifacts)
+    check_images: list[Path]
+    root: Path
+
+
+def check_all(bench: Bench, sources: list[SourceModel]
+              ) -> tuple[list[dict[str, Any]], list[dict[str, str]], dict[str, Pipeline]]:
+    """Build, check and score every model × execution: the rows, the skipped modes, and the live pipelines to time."""
     rows: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
-    live: dict[str, tuple[Any, dev.DeviceInfo]] = {}  # variants that passed the checks, timed side by side later
-    for source in source_models(paths):
+    live: dict[str, Pipeline] = {}  # variants that passed the checks, timed side by side later
+    for source in sources:
         model, _ = checkpoint.load_model(source.torch_folder)
         model.eval()
-        size = model_info(model, deployment.imgsz)
-        reference = measure.detect(model.to(info.device), check_images, deployment, info)
-        if source.onnx is not None:
-            variants = onnx_variants(source.name, "int8", b.ort_threads)
+        size = model_info(model, bench.deployment.imgsz)
+        reference = build_pipeline(Execution(), bench.deployment, bench.info, model=model).detect(bench.check_images)
+        if source.int8:
+            variants = [Variant(source.name, Execution(runtime, "eager", "int8", threads), "cpu")
+                        for runtime in source.int8 for threads in bench.b.runtime_threads]
         else:
-            variants, skipped_here = plan(source.name, b.modes, info, b.ort_threads)
+            variants, skipped_here = plan(source.name, bench.b.modes, bench.info, bench.b.runtime_threads)
             skipped += skipped_here
         for variant in variants:
-            onnx = source.onnx or onnx_dir / f"{source.name}.onnx"
-            row = _describe(variant, source, size, deployment.imgsz, paths.root, onnx)
-            checked, detector, run_info = check_variant(variant, model, data, eval_train, check_images, reference,
-                                                        deployment, info, b, onnx_path=onnx)
+            row = _describe(variant, source, size, bench)
+            checked, pipeline = check_variant(variant, model, source, reference, bench)
             row |= checked
-            if row["runtime"] == "onnxruntime" and onnx.is_file():
-                row["size_mb"] = round(onnx.stat().st_size / 2**20, 3)
-            if source.verdict and source.verdict.get("status") == "rejected" and row["status"] == "ok":
+            verdict = source.verdicts.get(variant.execution.runtime, {})
+            if verdict.get("status") == "rejected" and row["status"] == "ok":
                 row["status"] = "rejected"
-                row["reason"] = f"the quantize stage rejected it (mAP50-95 drop {source.verdict.get('map_drop')} " \
+                row["reason"] = f"the quantize stage rejected it (mAP50-95 drop {verdict.get('map_drop')} " \
                                 f"vs its fp32 source)"
-            if detector is not None:
-                live[row["name"]] = (detector, run_info)
+            if pipeline is not None:
+                live[row["name"]] = pipeline
             rows.append(row)
             _print_row(row)
     return rows, skipped, live
 
 
-def write_reports(paths: Paths, result: dict[str, Any], deployment: measure.Deployment) -> tuple[Path, str]:
+def artifact_for(variant: Variant, source: SourceModel, model: YOLOv5, bench: Bench) -> Path:
+    """The file or folder a variant runs from (and a registry would load), exported on first use."""
+    runtime = variant.execution.runtime
+    if source.int8:
+        return source.int8[runtime]
+    if runtime in ("torch", "xla"):
+        return source.torch_folder
+    onnx = bench.exports / f"{source.name}.onnx"
+    if not onnx.is_file():
+        export_onnx(model, onnx, bench.deployment.imgsz)
+    if runtime == "onnxruntime":
+        return onnx
+    folder = bench.exports / f"{source.name}-openvino"
+    return folder if (folder / "model.xml").is_file() else export_openvino(onnx, folder)
+
+
+def write_reports(paths: Paths, result: dict[str, Any], deployment: Deployment) -> tuple[Path, str]:
     """reports/bench/ (markdown table, Pareto plot) and plots/bench.csv; returns the folder and the table."""
     rows, selected = result["variants"], result["selected"]
     reports = fresh_dir(paths.reports / "bench")
@@ -154,53 +188,48 @@ def write_reports(paths: Paths, result: dict[str, Any], deployment: measure.Depl
     return reports, table
 
 
-def check_variant(variant: Variant, model: YOLOv5, data: job.Data, eval_train, check_images: list[Path],
-                  reference: list, deployment: measure.Deployment, info: dev.DeviceInfo, b: BenchConfig, *,
-                  onnx_path: Path) -> tuple[dict[str, Any], Any, dev.DeviceInfo]:
+def check_variant(variant: Variant, model: YOLOv5, source: SourceModel, reference: list, bench: Bench
+                  ) -> tuple[dict[str, Any], Pipeline | None]:
     """Build a variant, check its detections against the source model, measure its mAP.
 
-    Returns the row fields, the detector (None when it failed) and the device it runs on. Any exception becomes a
-    `failed` row with its reason.
+    Returns the row fields and the pipeline (None when it failed). Any exception becomes a `failed` row with its
+    reason.
     """
-    run_info = info if variant.device != "cpu" else dev.resolve("cpu", amp=False)
+    info = bench.info if variant.device != "cpu" else dev.resolve("cpu", amp=False)
     try:
-        detector = build(variant, model, run_info, deployment.imgsz, onnx_path=onnx_path,
-                         threads=torch.get_num_threads())  # bench.threads, set at the start of run()
-        detections = measure.detect(detector, check_images, deployment, run_info)
-        agreement = round(measure.agreement(reference, detections), 4)
-        floor = b.min_agreement_int8 if variant.dtype == "int8" else b.min_agreement
+        artifact = artifact_for(variant, source, model, bench)
+        pipeline = build_pipeline(variant.execution, bench.deployment, info, model=model, artifact=artifact)
+        agreement = round(measure.agreement(reference, pipeline.detect(bench.check_images)), 4)
+        floor = bench.b.min_agreement_int8 if variant.execution.dtype == "int8" else bench.b.min_agreement
         if agreement < floor:
             return {"status": "failed", "agreement": agreement,
-                    "reason": f"diverges from its source model: detection agreement {agreement} < {floor}"}, None, \
-                run_info
-        result, _ = job.evaluate(detector, data, run_info, eval_train)
-        return {"agreement": agreement, "map50_95": round(result.map50_95, 5), "map50": round(result.map50, 5)}, \
-            detector, run_info
+                    "reason": f"diverges from its source model: detection agreement {agreement} < {floor}"}, None
+        result, _ = job.evaluate_variant(pipeline, bench.data, bench.eval_train)
+        return {"agreement": agreement, "map50_95": round(result.map50_95, 5), "map50": round(result.map50, 5),
+                "artifact": _relative(artifact, bench.root), "size_mb": round(_size(artifact) / 2**20, 3)}, pipeline
     except Exception as err:  # a mode that cannot run here is a row, never a crash of the stage
-        return {"status": "failed", "reason": _reason(err)}, None, run_info
+        return {"status": "failed", "reason": _reason(err)}, None
 
 
-def time_variants(rows: list[dict[str, Any]], live: dict[str, tuple[Any, dev.DeviceInfo]], images: list[Path],
-                  deployment: measure.Deployment, b: BenchConfig) -> None:
+def time_variants(rows: list[dict[str, Any]], live: dict[str, Pipeline], images: list[Path], b: BenchConfig) -> None:
     """Batch-1 latency and throughput at each batch size of every live variant, interleaved; fills in the rows."""
     by_name = {r["name"]: r for r in rows}
-    for info in {i.kind: i for _, i in live.values()}.values():
+    for info in {p.info.kind: p.info for p in live.values()}.values():
         measure.reset_peak_memory(info)
-    latency, failures = measure.time_interleaved(live, measure.batches_of(images, 1), deployment,
-                                                 warmup=b.warmup, runs=b.runs)
+    latency, failures = measure.time_interleaved(live, measure.batches_of(images, 1), warmup=b.warmup, runs=b.runs)
     for name, timings in latency.items():
         stats = timings.latency()
         by_name[name] |= {"fps_b1": round(1000 / stats["p50"], 2), "latency_ms_b1": stats,
                           "throughput": {"1": round(1000 / stats["p50"], 2)}}
     for batch in (n for n in b.batch_sizes if n > 1):
         alive = {name: live[name] for name in latency if name not in failures}
-        timed, failed = measure.time_interleaved(alive, measure.batches_of(images, batch), deployment,
-                                                 warmup=1, runs=b.throughput_runs, block=b.throughput_runs)
+        timed, failed = measure.time_interleaved(alive, measure.batches_of(images, batch), warmup=1,
+                                                 runs=b.throughput_runs, block=b.throughput_runs)
         failures |= failed
         for name, timings in timed.items():
             by_name[name]["throughput"][str(batch)] = round(batch * 1000 / float(np.median(timings.total)), 2)
-    for name, (_, info) in live.items():
-        by_name[name]["peak_memory_mb"] = measure.peak_memory_mb(info)  # CUDA: the highest of the variants timed
+    for name, pipeline in live.items():
+        by_name[name]["peak_memory_mb"] = measure.peak_memory_mb(pipeline.info)  # CUDA: the highest of those timed
     for name, reason in failures.items():
         by_name[name] |= {"status": "failed", "reason": reason, "fps_b1": None, "latency_ms_b1": None}
 
@@ -217,21 +246,26 @@ def data_images(data: job.Data) -> list[Path]:
     return [Path(p) for p in data.val_loader.dataset.images]
 
 
-def _describe(variant: Variant, source: SourceModel, size: dict[str, float], imgsz: int, root: Path,
-              onnx: Path) -> dict[str, Any]:
-    """The identity fields of a row (the contract's keys, in its order)."""
-    artifact = onnx if variant.runtime == "onnxruntime" else source.artifact
-    if source.onnx is not None:
-        size_mb = source.onnx.stat().st_size / 2**20
-    else:
-        size_mb = (source.torch_folder / checkpoint.WEIGHTS).stat().st_size / 2**20
-    return {"name": variant.name, "baseline": variant.model == "train" and variant.runtime == "torch"
-            and variant.mode == "eager" and variant.dtype == "fp32", "model": variant.model,
-            "runtime": variant.runtime, "mode": variant.mode, "status": "ok", "device": variant.device,
-            "dtype": variant.dtype, "imgsz": imgsz, "fps_b1": None, "latency_ms_b1": None, "throughput": {},
-            "map50_95": None, "map50": None, "size_mb": round(size_mb, 3), "params_m": round(size["params"] / 1e6, 4),
-            "gflops": round(size["gflops"], 3), "speedup_b1": None, "threads": variant.threads,
-            "artifact": str(artifact.relative_to(root)) if artifact.is_relative_to(root) else str(artifact)}
+def _describe(variant: Variant, source: SourceModel, size: dict[str, float], bench: Bench) -> dict[str, Any]:
+    """The identity fields of a row (the contract's keys, in its order); artifact and size once it is built."""
+    execution = variant.execution
+    return {"name": variant.name, "baseline": variant.model == "train" and execution == Execution(),
+            "model": variant.model, "runtime": execution.runtime, "mode": execution.mode, "status": "ok",
+            "device": variant.device, "dtype": execution.dtype, "imgsz": bench.deployment.imgsz, "fps_b1": None,
+            "latency_ms_b1": None, "throughput": {}, "map50_95": None, "map50": None, "size_mb": None,
+            "params_m": round(size["params"] / 1e6, 4), "gflops": round(size["gflops"], 3), "speedup_b1": None,
+            "threads": execution.threads, "artifact": _relative(source.torch_folder, bench.root)}
+
+
+def _relative(path: Path, root: Path) -> str:
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+
+def _size(path: Path) -> int:
+    """Bytes of a model: its weights file, or every file of an ONNX file / IR folder."""
+    if (path / checkpoint.WEIGHTS).is_file():
+        return (path / checkpoint.WEIGHTS).stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
 
 def _summary(rows: list[dict[str, Any]], selected: dict[str, Any]) -> dict[str, float]:
@@ -239,14 +273,14 @@ def _summary(rows: list[dict[str, Any]], selected: dict[str, Any]) -> dict[str, 
     by_name = {r["name"]: r for r in rows}
     summary: dict[str, float] = {}
     for label, name in (("selected", selected.get("name")), ("baseline", "train/eager-fp32"),
-                        ("onnx_fp32", (report.reference_row(rows) or {}).get("name"))):
+                        ("reference", (report.reference_row(rows) or {}).get("name"))):
         row = by_name.get(name)
         if row and row.get("fps_b1"):
             summary |= {f"{label}/fps_b1": row["fps_b1"], f"{label}/map50_95": row["map50_95"]}
     row = by_name.get(selected.get("name"))
     if row:
         summary |= {"selected/speedup_b1": row["speedup_b1"] or 0.0,
-                    "selected/speedup_vs_onnx_b1": row["speedup_vs_onnx_b1"] or 0.0}
+                    "selected/speedup_vs_reference_b1": row["speedup_vs_reference_b1"] or 0.0}
     summary["variants_ok"] = sum(r["status"] == "ok" for r in rows)
     summary["variants_failed"] = sum(r["status"] == "failed" for r in rows)
     return summary

@@ -1,11 +1,13 @@
-"""`quantize` stage: ONNX Runtime fp32 and static INT8 (CPU) variants of the chosen model, each evaluated.
+"""`quantize` stage: INT8 variants of the chosen model for the CPU runtimes, each scored by the one evaluation path.
 
-The INT8 model is calibrated on `quantize.calibration_images` train images and keeps the Detect head's decode
-arithmetic in float (quantizing it is what drops YOLO to ~0 mAP in naive INT8, onnxruntime #10787). Every
-variant is scored by the same evaluation code as training, through an ORT inference path with identical pre-
-and post-processing; an INT8 model losing more than `quantize.max_map_drop` mAP50-95 against its fp32 source is
-marked `rejected`, not silently kept. On CUDA, fp16 and bf16 variants of the torch model are evaluated too.
-Writes `models/quantize/` (model_fp32.onnx, model_int8.onnx, meta.json) and `metrics/quantize.json`.
+- ONNX Runtime static INT8 (QDQ), the Detect decode kept float (quantizing it zeroes YOLO mAP, onnxruntime #10787).
+- OpenVINO INT8 through NNCF post-training quantization **with accuracy control**: the project's own COCO mAP50-95
+  on the val images is NNCF's validation function and `quantize.max_map_drop` the allowed drop, so NNCF reverts the
+  most harmful layers to float until the INT8 model keeps accuracy; the number reverted is reported.
+Every variant is scored through `runtime.Pipeline` (the pre/post the bench times). An INT8 model losing more than
+`quantize.max_map_drop` mAP50-95 against torch fp32 is marked `rejected`, not silently kept. On CUDA, fp16 and bf16
+variants of the torch model are evaluated too. Writes `models/quantize/` (model_fp32.onnx, model_int8.onnx,
+openvino_int8/ IR, meta.json) and `metrics/quantize.json`.
 """
 
 from __future__ import annotations
@@ -14,32 +16,22 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from yolofps import device as dev
 from yolofps.config import Config, to_dict
 from yolofps.data import formats
 from yolofps.engine import checkpoint, job
-from yolofps.errors import ConfigError
 from yolofps.fileio import fresh_dir, write_json
 from yolofps.lineage import lineage_tags
 from yolofps.model.yolo import model_info
-from yolofps.optimize.export import OrtDetector, export_onnx
+from yolofps.optimize.export import export_onnx
+from yolofps.optimize.openvino_int8 import quantize_openvino_int8
 from yolofps.optimize.quantize import calibration_batches, quantize_static_int8
 from yolofps.paths import Paths
 from yolofps.registry import TrackingRun
+from yolofps.runtime import Deployment, Execution, Pipeline, build_pipeline
 from yolofps.stages import StageResult
 
-
-def source_folder(paths: Paths, source: str) -> Path:
-    """The model folder a `quantize.source` name refers to."""
-    if source == "train":
-        return paths.models("train") / "best"
-    if source == "distill":
-        return paths.models("distill")
-    if source.startswith("prune-"):
-        return paths.models("prune") / source
-    raise ConfigError(f"quantize.source must be train, distill or prune-<ratio>, got {source!r}")
+OPENVINO_INT8 = "openvino_int8"  # the IR folder inside models/quantize
 
 
 def calibration_images(paths: Paths, count: int) -> list[Path]:
@@ -53,34 +45,39 @@ def run(cfg: Config, paths: Paths = Paths()) -> StageResult:
     """Export, quantize and evaluate; the metrics say which variants are ok and which were rejected."""
     q, train = cfg.quantize, cfg.train
     info = dev.resolve(cfg.device, amp=False)
-    cpu = dev.resolve("cpu")
-    model, meta = checkpoint.load_model(source_folder(paths, q.source))
-    imgsz = meta["imgsz"]
+    model, meta = checkpoint.load_model(paths.model_folder(q.source))
+    model.eval()
+    deployment = Deployment(meta["imgsz"])
     data = job.load_data(cfg, paths, train)
     out = fresh_dir(paths.models("quantize"))
-    size = model_info(model.cpu(), imgsz)
-    variants: dict[str, dict[str, Any]] = {}
+    size = model_info(model.cpu(), deployment.imgsz)
+    cpu = dev.resolve("cpu", amp=False)
+
+    def score(execution: Execution, **source: Any) -> dict[str, Any]:
+        pipeline = build_pipeline(execution, deployment, info if execution.runtime == "torch" else cpu, **source)
+        result, _ = job.evaluate_variant(pipeline, data, train)
+        return {"mAP50-95": round(result.map50_95, 5), "mAP50": round(result.map50, 5),
+                "runtime": execution.runtime, "dtype": execution.dtype}
+
     with TrackingRun(cfg.mlflow, run_name="quantize", params={"quantize": to_dict(q)},
                      tags=lineage_tags(paths.root, "quantize", to_dict(q)) | {"source": q.source}) as tracking:
-        variants["torch-fp32"] = _score(model.eval(), data, cpu, train) | {"runtime": "torch", "dtype": "fp32"}
-        fp32 = export_onnx(model, out / "model_fp32.onnx", imgsz, opset=q.opset)
-        variants["ort-fp32"] = _score(OrtDetector(fp32), data, cpu, train) | {"runtime": "onnxruntime",
-                                                                             "dtype": "fp32", "file": fp32.name}
-        done = quantize_static_int8(fp32, out / "model_int8.onnx", calibration_batches(
-            calibration_images(paths, q.calibration_images), imgsz), per_channel=q.per_channel,
-            keep_head_float=q.keep_head_float)
-        variants["ort-int8"] = _score(OrtDetector(out / "model_int8.onnx"), data, cpu, train) | {
-            "runtime": "onnxruntime", "dtype": "int8", "file": "model_int8.onnx", "quantization": done}
+        variants = {"torch-fp32": score(Execution(), model=model.cpu())}
+        fp32 = export_onnx(model, out / "model_fp32.onnx", deployment.imgsz, opset=q.opset)
+        variants["ort-fp32"] = score(Execution("onnxruntime"), artifact=fp32) | {"file": fp32.name}
+        calibration = list(calibration_batches(calibration_images(paths, q.calibration_images), deployment.imgsz))
+        done = quantize_static_int8(fp32, out / "model_int8.onnx", calibration, per_channel=q.per_channel,
+                                    keep_head_float=q.keep_head_float)
+        variants["ort-int8"] = score(Execution("onnxruntime", dtype="int8"), artifact=out / "model_int8.onnx") | {
+            "file": "model_int8.onnx", "quantization": done}
+        variants["openvino-int8"] = openvino_int8(fp32, out / OPENVINO_INT8, calibration, data, cfg) | {
+            "file": OPENVINO_INT8}
         if info.kind == "cuda":
-            for dtype in (torch.float16, torch.bfloat16):
-                name = "fp16" if dtype == torch.float16 else "bf16"
-                half = dev.prepare_model(model, info).to(dtype)
-                variants[f"torch-{name}"] = _score(_CastInput(half, dtype), data, info, train) | {
-                    "runtime": "torch", "dtype": name}
+            for dtype in ("fp16", "bf16"):
+                variants[f"torch-{dtype}"] = score(Execution("torch", "channels_last", dtype), model=model)
         _judge(variants, q.max_map_drop)
-        for name, variant in variants.items():
+        for variant in variants.values():
             if "file" in variant:
-                variant["size_mb"] = round((out / variant["file"]).stat().st_size / 2**20, 3)
+                variant["size_mb"] = round(_size(out / variant["file"]) / 2**20, 3)
         write_json(out / "meta.json", meta | {"source": q.source, "variants": variants, "params": size["params"]})
         metrics = flat_metrics(variants, size)
         write_json(paths.metrics("quantize"), metrics)
@@ -91,20 +88,30 @@ def run(cfg: Config, paths: Paths = Paths()) -> StageResult:
     return StageResult(outputs={"models": out, "metrics": paths.metrics("quantize")}, metrics=metrics)
 
 
-class _CastInput(torch.nn.Module):
-    """Feed a half-precision model: the evaluation path hands it float32 images."""
+def openvino_int8(fp32: Path, folder: Path, calibration: list, data: job.Data, cfg: Config) -> dict[str, Any]:
+    """NNCF INT8 of the ONNX model with accuracy control: mAP50-95 on the val loader may drop by max_map_drop."""
+    q, train = cfg.quantize, cfg.train
+    evaluation = Deployment(data.val_loader.dataset.spec.image_size, train.conf, train.iou, train.max_det)
+    cpu = dev.resolve("cpu", amp=False)
 
-    def __init__(self, model: torch.nn.Module, dtype: torch.dtype) -> None:
-        super().__init__()
-        self.model, self.dtype = model, dtype
+    def validate(backend, batches) -> float:
+        # the same evaluation as every other row: the val loader's batches through a runtime pipeline
+        from yolofps.engine.predict import evaluate_pipeline
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images.to(self.dtype)).float()
+        return evaluate_pipeline(Pipeline(backend, evaluation, cpu), batches, data.names)[0].map50_95
+
+    result = quantize_openvino_int8(fp32, folder, calibration, list(data.val_loader),
+                                    validate if q.accuracy_control else None, max_drop=q.max_map_drop,
+                                    keep_head_float=q.keep_head_float)
+    pipeline = build_pipeline(Execution("openvino", dtype="int8"), evaluation, cpu, artifact=folder)
+    scored, _ = job.evaluate_variant(pipeline, data, train)
+    return {"mAP50-95": round(scored.map50_95, 5), "mAP50": round(scored.map50, 5), "runtime": "openvino",
+            "dtype": "int8", "quantization": result.to_json()}
 
 
-def _score(model, data: job.Data, info: dev.DeviceInfo, train) -> dict[str, Any]:
-    result, _ = job.evaluate(model, data, info, train)
-    return {"mAP50-95": round(result.map50_95, 5), "mAP50": round(result.map50, 5)}
+def _size(path: Path) -> int:
+    """Bytes of a model file, or of every file in a model folder (IR: .xml + .bin)."""
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
 
 def _judge(variants: dict[str, dict[str, Any]], max_drop: float) -> None:
@@ -116,13 +123,15 @@ def _judge(variants: dict[str, dict[str, Any]], max_drop: float) -> None:
 
 
 def flat_metrics(variants: dict[str, dict[str, Any]], size: dict[str, float]) -> dict[str, float]:
-    """Flat numeric metrics per variant (status as accepted = 1 / rejected = 0)."""
+    """Flat numeric metrics per variant (status as accepted = 1 / rejected = 0; layers NNCF kept float)."""
     metrics: dict[str, float] = {"params": size["params"], "gflops": round(size["gflops"], 4)}
     for name, v in variants.items():
         metrics |= {f"{name}/mAP50-95": v["mAP50-95"], f"{name}/mAP50": v["mAP50"], f"{name}/map_drop": v["map_drop"],
                     f"{name}/accepted": int(v["status"] == "ok")}
         if "size_mb" in v:
             metrics[f"{name}/size_mb"] = v["size_mb"]
+        if "reverted_layers" in v.get("quantization", {}):
+            metrics[f"{name}/reverted_layers"] = v["quantization"]["reverted_layers"]
     return metrics
 
 

@@ -2,7 +2,8 @@
 
 The version is a pyfunc (MLflow models-from-code: `yolofps/serving/mlflow_model.py`, no pickled classes) with
 pre-processing, the model and NMS inside: image files or uint8 RGB arrays in, detections in original pixels out.
-Weights stay safetensors (torch variants) or ONNX (ONNX Runtime / INT8 variants); the yolofps package travels
+Weights stay safetensors (torch variants), ONNX (ONNX Runtime variants) or OpenVINO IR (.xml + .bin, OpenVINO
+variants, run with the precision and threads they were timed with); the yolofps package travels
 with the model (`code_paths`), so `mlflow.pyfunc.load_model("models:/<name>@challenger")` works without the
 project. Tags carry the lineage (git, DVC md5s, params hash, pipeline run id) and the benchmark figures. The
 stage sets `@challenger`; `yolofps promote` (or `register.auto_promote`) moves `@champion` through the gates.
@@ -31,10 +32,19 @@ from yolofps.stages import StageResult
 
 CODE_FILE = Path(yolofps.__file__).parent / "serving" / "mlflow_model.py"
 # benchmark figures: a rerun of the bench stage updates them on an already registered version of the same content
-BENCH_TAGS = ("fps_b1", "throughput", "map50_95", "map50", "speedup_b1", "bench_status", "bench_device_name",
-              "bench_environment")
+BENCH_TAGS = ("fps_b1", "throughput", "map50_95", "map50", "speedup_b1", "speedup_vs_reference_b1", "bench_status",
+              "bench_device_name", "bench_environment")
 PIP_REQUIREMENTS = ["torch", "numpy", "pandas", "opencv-python-headless", "onnxruntime", "safetensors", "pyyaml",
                     "albumentations==2.0.8"]  # what the pyfunc imports (albumentations: the letterbox's module)
+
+
+def pip_requirements(runtime: str) -> list[str]:
+    """The pyfunc's requirements: an OpenVINO variant adds the OpenVINO release it was benchmarked with."""
+    if runtime != "openvino":
+        return PIP_REQUIREMENTS
+    from importlib import metadata
+
+    return PIP_REQUIREMENTS + [f"openvino=={metadata.version('openvino')}"]
 
 
 def receipt_path(paths: Paths) -> Path:
@@ -75,10 +85,12 @@ def version_tags(paths: Paths, cfg: Config, row: dict[str, Any], bench: dict[str
              "dtype": row["dtype"], "imgsz": str(row["imgsz"]), "device": row["device"],
              "fps_b1": str(row["fps_b1"]), "map50_95": str(row["map50_95"]), "map50": str(row["map50"]),
              "throughput": json.dumps(row["throughput"]), "speedup_b1": str(row["speedup_b1"]),
+             "speedup_vs_reference_b1": str(row.get("speedup_vs_reference_b1")), "threads": str(row.get("threads", 0)),
              "bench_status": row["status"], "size_mb": str(row["size_mb"]),
              "bench_device_name": device_name(env),
-             "bench_environment": json.dumps({k: env.get(k) for k in ("cpu", "cpu_cores", "gpu", "torch",
-                                                                      "onnxruntime", "threads", "time_utc")})}
+             "bench_environment": json.dumps({k: env.get(k) for k in ("cpu", "cpu_cores", "cpu_flags", "gpu", "torch",
+                                                                      "onnxruntime", "openvino", "threads",
+                                                                      "time_utc")})}
     return {k: v[:5000] for k, v in tags.items()}
 
 
@@ -98,7 +110,7 @@ def run(cfg: Config, paths: Paths = Paths()) -> StageResult:
     import pandas as pd
 
     log_model = {"python_model": str(CODE_FILE), "artifacts": {"model": str(artifact)}, "model_config": model_config,
-                 "code_paths": [str(CODE_FILE.parents[1])], "pip_requirements": PIP_REQUIREMENTS,
+                 "code_paths": [str(CODE_FILE.parents[1])], "pip_requirements": pip_requirements(row["runtime"]),
                  "input_example": pd.DataFrame({"image": [str(p) for p in example]})}
     tags = version_tags(paths, cfg, row, bench)
     numbers = {"fps_b1": row["fps_b1"], "map50_95": row["map50_95"], "map50": row["map50"]}
