@@ -9,6 +9,7 @@ import torch
 
 from yolofps import device as dev
 from yolofps.bench import contract, measure, report
+from yolofps.bench.rows import BenchRow
 from yolofps.bench.variants import plan
 from yolofps.model.spec import preset
 from yolofps.model.yolo import build_model
@@ -103,13 +104,17 @@ def test_plan_lists_cuda_only_modes_as_skipped_on_cpu():
     assert {s["mode"] for s in skipped} == {"fp16", "cudagraph"} and all("CUDA" in s["reason"] for s in skipped)
 
 
-def _row(name, fps, map50_95, status="ok", baseline=False):
+def _row(name, fps, map50_95, status="ok", baseline=False, **changes):
+    return BenchRow.from_json(_json(name, fps, map50_95, status, baseline) | changes)
+
+
+def _json(name, fps, map50_95, status="ok", baseline=False):
     runtime = "onnxruntime" if "/onnxruntime" in name else "torch"
     return {"name": name, "baseline": baseline, "model": name.split("/")[0], "runtime": runtime, "mode": "eager",
             "status": status, "device": "cpu", "dtype": "fp32", "imgsz": 320, "fps_b1": fps,
             "latency_ms_b1": {"p50": 1.0, "p95": 1.1, "p99": 1.2, "pre": 0.1, "model": 0.8, "post": 0.1},
             "throughput": {"1": fps}, "map50_95": map50_95, "map50": map50_95, "size_mb": 1.0, "params_m": 1.0,
-            "gflops": 1.0, "speedup_b1": None, "reason": "x"}
+            "gflops": 1.0, "speedup_b1": None, "reason": "x", "threads": 0, "artifact": "models/x"}
 
 
 def hand_made():
@@ -123,11 +128,11 @@ def test_policy_picks_the_fastest_within_the_accuracy_budget():
     rows = hand_made()
     report.judge_accuracy(rows, max_map_drop=0.015)
     report.add_speedups(rows)
-    by_name = {r["name"]: r for r in rows}
-    assert by_name["prune-0.5/onnxruntime-fp32"]["status"] == "rejected"
-    assert by_name["prune-0.3/onnxruntime-fp32"]["status"] == "ok"
-    assert by_name["prune-0.3/onnxruntime-fp32"]["speedup_b1"] == 4.0
-    assert by_name["prune-0.3/onnxruntime-fp32"]["speedup_vs_reference_b1"] == 1.6
+    by_name = {r.name: r for r in rows}
+    assert by_name["prune-0.5/onnxruntime-fp32"].status == "rejected"
+    assert by_name["prune-0.3/onnxruntime-fp32"].status == "ok"
+    assert by_name["prune-0.3/onnxruntime-fp32"].speedup_b1 == 4.0
+    assert by_name["prune-0.3/onnxruntime-fp32"].speedup_vs_reference_b1 == 1.6
     selected = report.select(rows, "fastest_within_drop", 0.015)
     assert selected["name"] == "prune-0.3/onnxruntime-fp32" and "0.015" in selected["reason"]
     assert "front" not in selected
@@ -172,11 +177,12 @@ def test_reports_are_written(tmp_path):
 
 
 def test_contract_rejects_what_readers_cannot_trust():
-    rows = hand_made()
+    rows = [row.to_json() for row in hand_made()]
     good = {"environment": {"cpu": "c", "cpu_cores": 2, "torch": "t", "onnxruntime": "o", "device": "cpu",
                             "imgsz": 320}, "variants": rows, "selected": {"name": rows[1]["name"], "reason": "r"}}
     contract.validate(good)
-    bad_percentiles = {**good, "variants": [_row("a/eager-fp32", 1.0, 0.5) | {
+    assert BenchRow.from_json(rows[1]).to_json() == rows[1]  # a row survives the round trip through the file
+    bad_percentiles = {**good, "variants": [_json("a/eager-fp32", 1.0, 0.5) | {
         "latency_ms_b1": {"p50": 3.0, "p95": 2.0, "p99": 4.0, "pre": 1.0, "model": 1.0, "post": 1.0}}],
         "selected": {"name": None, "reason": "r"}}
     with pytest.raises(contract.BenchContractError, match="percentiles"):
@@ -220,20 +226,20 @@ def test_runtime_rows_per_thread_setting_and_the_reference_is_the_fastest():
     rows = [_row("train/eager-fp32", 20.0, 0.6, baseline=True),
             _row("train/onnxruntime-fp32", 50.0, 0.6), _row("train/onnxruntime-1t-fp32", 40.0, 0.6),
             _row("prune-0.5/onnxruntime-1t-fp32", 100.0, 0.6)]
-    assert report.reference_row(rows)["name"] == "train/onnxruntime-fp32"
-    rows[2]["fps_b1"] = 60.0  # the baseline is credited with its own best thread setting too
+    assert report.reference_row(rows).name == "train/onnxruntime-fp32"
+    rows[2].fps_b1 = 60.0  # the baseline is credited with its own best thread setting too
     report.add_speedups(rows)
-    assert report.reference_row(rows)["name"] == "train/onnxruntime-1t-fp32"
-    assert rows[3]["speedup_vs_reference_b1"] == pytest.approx(100 / 60, abs=1e-3)
+    assert report.reference_row(rows).name == "train/onnxruntime-1t-fp32"
+    assert rows[3].speedup_vs_reference_b1 == pytest.approx(100 / 60, abs=1e-3)
 
 
 def test_the_reference_is_the_unpruned_models_fastest_float_row_on_any_runtime():
     """A runtime switch (OpenVINO bf16) is not credited to pruning; INT8 of the unpruned model is not a bar."""
     rows = [_row("train/eager-fp32", 20.0, 0.6, baseline=True), _row("train/onnxruntime-fp32", 50.0, 0.6),
-            _row("train/openvino-bf16", 90.0, 0.6) | {"runtime": "openvino", "dtype": "bf16"},
-            _row("train/openvino-int8", 150.0, 0.6) | {"runtime": "openvino", "dtype": "int8"},
-            _row("prune-0.5/openvino-bf16", 180.0, 0.6) | {"runtime": "openvino", "dtype": "bf16"},
+            _row("train/openvino-bf16", 90.0, 0.6, runtime="openvino", dtype="bf16"),
+            _row("train/openvino-int8", 150.0, 0.6, runtime="openvino", dtype="int8"),
+            _row("prune-0.5/openvino-bf16", 180.0, 0.6, runtime="openvino", dtype="bf16"),
             _row("prune-0.3/openvino-bf16", 500.0, 0.6, status="failed")]
     report.add_speedups(rows)
-    assert report.reference_row(rows)["name"] == "train/openvino-bf16"
-    assert rows[4]["speedup_vs_reference_b1"] == 2.0 and rows[4]["speedup_b1"] == 9.0
+    assert report.reference_row(rows).name == "train/openvino-bf16"
+    assert rows[4].speedup_vs_reference_b1 == 2.0 and rows[4].speedup_b1 == 9.0

@@ -17,7 +17,7 @@ from yolofps.data import synthetic
 from yolofps.model.spec import preset
 from yolofps.model.yolo import YOLOv5, build_model
 from yolofps.optimize.export import export_onnx
-from yolofps.optimize.openvino_int8 import detect_head_ops, quantize_openvino_int8
+from yolofps.optimize.openvino_int8 import AccuracyControl, detect_head_ops, quantize_openvino_int8
 from yolofps.runtime import Deployment, Execution, build_pipeline, host
 from yolofps.runtime import openvino as ovr
 
@@ -96,7 +96,7 @@ def fidelity(backend: Any, items: Sequence[tuple[np.ndarray, np.ndarray]]) -> fl
 
 @pytest.fixture(scope="module")
 def ptq(fp32_path: Path, calibration: list[np.ndarray]) -> Any:
-    return quantize_openvino_int8(fp32_path, fp32_path.parent / "ptq", calibration, None, None, max_drop=0.0)
+    return quantize_openvino_int8(fp32_path, fp32_path.parent / "ptq", calibration)
 
 
 def _ops(folder: Path) -> dict[str, Any]:
@@ -140,7 +140,7 @@ def test_decode_and_head_convs_stay_float(ptq: Any, fp32_path: Path, calibration
     assert not any(ops[name].get_type_name() == "FakeQuantize" or _fed_by_fake_quantize(ops[name])
                    for name in decode + head_convs)
     # without the ignored scope NNCF quantizes the Detect convs and the wh Power inputs: the check above can fail
-    naive = quantize_openvino_int8(fp32_path, fp32_path.parent / "naive", calibration, None, None, max_drop=0.0,
+    naive = quantize_openvino_int8(fp32_path, fp32_path.parent / "naive", calibration,
                                    keep_head_float=False)
     naive_ops = _ops(naive.folder)
     decode, head_convs = detect_head_ops(ovr.read_model(naive.folder))
@@ -151,7 +151,7 @@ def test_decode_and_head_convs_stay_float(ptq: Any, fp32_path: Path, calibration
 @pytest.fixture(scope="module")
 def partial(fp32_path: Path, calibration: list[np.ndarray], validation: list) -> tuple[Any, float, float]:
     """Plain PTQ of layers 0-1 only, and the fidelity of the float and of that INT8 model."""
-    result = quantize_openvino_int8(fp32_path, fp32_path.parent / "partial", calibration, None, None, max_drop=0.0,
+    result = quantize_openvino_int8(fp32_path, fp32_path.parent / "partial", calibration,
                                     keep_float=FIRST_LAYERS_ONLY)
     fp32_metric = fidelity(ovr.OpenVinoBackend(fp32_path), validation)
     ptq_metric = fidelity(ovr.OpenVinoBackend(result.folder, dtype="int8"), validation)
@@ -163,8 +163,8 @@ def test_accuracy_control_reverts_layers_until_the_drop_is_met(fp32_path: Path, 
                                                                  validation: list, partial: tuple) -> None:
     ptq, fp32_metric, ptq_metric = partial
     max_drop = (fp32_metric - ptq_metric) / 2
-    result = quantize_openvino_int8(fp32_path, fp32_path.parent / "ac", calibration, validation, fidelity,
-                                    max_drop=max_drop, keep_float=FIRST_LAYERS_ONLY)
+    result = quantize_openvino_int8(fp32_path, fp32_path.parent / "ac", calibration,
+                                    AccuracyControl(validation, fidelity, max_drop), keep_float=FIRST_LAYERS_ONLY)
     assert result.accuracy_control and 0 < result.reverted_layers == len(result.reverted)
     assert result.metric_fp32 == pytest.approx(fp32_metric, abs=1e-6)
     assert result.metric_int8 >= result.metric_fp32 - max_drop > ptq_metric  # met the target the PTQ model missed
@@ -181,8 +181,8 @@ def test_accuracy_control_without_any_drop_reverts_every_layer(fp32_path: Path, 
     """max_drop 0 cannot be met by any INT8 operation: NNCF reverts them all (then it logs no final report)."""
     ptq, fp32_metric, _ = partial
     quantized = [name for name, op in _ops(ptq.folder).items() if _fed_by_fake_quantize(op)]
-    result = quantize_openvino_int8(fp32_path, fp32_path.parent / "all", calibration, validation, fidelity,
-                                    max_drop=0.0, keep_float=FIRST_LAYERS_ONLY)
+    result = quantize_openvino_int8(fp32_path, fp32_path.parent / "all", calibration,
+                                    AccuracyControl(validation, fidelity, 0.0), keep_float=FIRST_LAYERS_ONLY)
     assert sorted(result.reverted) == sorted(quantized) and result.reverted_layers == len(quantized) > 0
     assert not any(_fed_by_fake_quantize(op) for op in _ops(result.folder).values())
     assert result.metric_int8 == pytest.approx(fp32_metric, abs=1e-6)
@@ -190,8 +190,8 @@ def test_accuracy_control_without_any_drop_reverts_every_layer(fp32_path: Path, 
 
 def test_accuracy_control_within_a_loose_drop_reverts_nothing(fp32_path: Path, ptq: Any, calibration: list[np.ndarray],
                                                               validation: list) -> None:
-    result = quantize_openvino_int8(fp32_path, fp32_path.parent / "loose", calibration, validation, fidelity,
-                                    max_drop=1e9)
+    result = quantize_openvino_int8(fp32_path, fp32_path.parent / "loose", calibration,
+                                    AccuracyControl(validation, fidelity, 1e9))
     assert result.accuracy_control and (result.reverted_layers, result.reverted) == (0, [])
     # the same calibration as plain PTQ: the same INT8 model, so the same metric
     assert result.metric_int8 == pytest.approx(fidelity(ovr.OpenVinoBackend(ptq.folder, dtype="int8"), validation))
@@ -200,6 +200,6 @@ def test_accuracy_control_within_a_loose_drop_reverts_nothing(fp32_path: Path, p
 
 def test_no_calibration_or_validation_is_an_error(fp32_path: Path, calibration: list[np.ndarray]) -> None:
     with pytest.raises(ValueError, match="no images"):
-        quantize_openvino_int8(fp32_path, fp32_path.parent / "never", [], None, None, max_drop=0.0)
+        quantize_openvino_int8(fp32_path, fp32_path.parent / "never", [])
     with pytest.raises(ValueError, match="validation items"):
-        quantize_openvino_int8(fp32_path, fp32_path.parent / "never", calibration, [], fidelity, max_drop=0.0)
+        quantize_openvino_int8(fp32_path, fp32_path.parent / "never", calibration, AccuracyControl([], fidelity, 0.0))

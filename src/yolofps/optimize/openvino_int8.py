@@ -54,6 +54,15 @@ class Int8Result:
         return {**dataclasses.asdict(self), "folder": str(self.folder)}
 
 
+@dataclass(frozen=True)
+class AccuracyControl:
+    """NNCF's accuracy control: the items to validate on, the metric (higher is better), the allowed absolute drop."""
+
+    items: Sequence[Any]  # whatever `metric` reads (the quantize stage: its val loader's batches)
+    metric: Callable[[Backend, Sequence[Any]], float]  # the quantize stage: COCO mAP50-95 through a runtime pipeline
+    max_drop: float
+
+
 def _nncf() -> Any:
     """NNCF, imported on use (it takes seconds), with its usage telemetry off like the project's other tools."""
     # NNCF sends Google Analytics events unless NNCF_CI is set when it is first imported (telemetry/wrapper.py)
@@ -141,38 +150,38 @@ def _options(nncf: Any, model: Any, keep_head_float: bool, keep_float: Sequence[
 
 
 def quantize_openvino_int8(fp32_model: Path, out_folder: Path, calibration: Sequence[np.ndarray],
-                           validation: Sequence[Any] | None, validate: Callable[[Backend, Sequence[Any]], float] | None,
-                           *, max_drop: float, keep_head_float: bool = True, subset_size: int = 300,
-                           keep_float: Sequence[str] = ()) -> Int8Result:
-    """INT8 IR of `fp32_model` (ONNX or IR) in `out_folder`; with `validate`, at most `max_drop` below float.
+                           control: AccuracyControl | None = None, *, keep_head_float: bool = True,
+                           subset_size: int = 300, keep_float: Sequence[str] = ()) -> Int8Result:
+    """INT8 IR of `fp32_model` (ONNX or IR) in `out_folder`; with `control`, at most `control.max_drop` below float.
 
     `keep_float`: regular expressions of more operation names to leave float (e.g. the stem, `^/model\\.0/`).
     """
     if len(calibration) == 0:
         raise ValueError("quantize_openvino_int8: calibration gave no images (float32 [1, 3, S, S] arrays expected)")
-    if validate is not None and not validation:
+    if control is not None and not control.items:
         raise ValueError("quantize_openvino_int8: accuracy control needs validation items, got none")
     nncf = _nncf()
     model = ovr.read_model(fp32_model)
     options = _options(nncf, model, keep_head_float, keep_float, subset_size)
     calibration_set = nncf.Dataset(list(calibration))
     count, reverted = 0, []
-    if validate is None:
+    if control is None:
         quantized = nncf.quantize(model, calibration_set, **options)
     else:
         with _capture_reverts(logging.getLogger("nncf")) as log:
             quantized = nncf.quantize_with_accuracy_control(
-                model, calibration_dataset=calibration_set, validation_dataset=nncf.Dataset(list(validation)),
-                validation_fn=_validation_fn(validate), max_drop=max_drop, drop_type=nncf.DropType.ABSOLUTE,
+                model, calibration_dataset=calibration_set, validation_dataset=nncf.Dataset(list(control.items)),
+                validation_fn=_validation_fn(control.metric), max_drop=control.max_drop,
+                drop_type=nncf.DropType.ABSOLUTE,
                 **options)
         count, reverted = log.reverted()
     # NNCF already stores the quantized weights as int8; save_ir keeps the float ones fp32 (no fp16 compression)
     folder = ovr.save_ir(quantized, out_folder)
     metric_fp32 = metric_int8 = None
-    if validate is not None:
+    if control is not None:
         # measured again on the files, as the bench runs them (NNCF's own figures are of its in-memory copies)
-        metric_fp32 = float(validate(ovr.OpenVinoBackend(fp32_model, dtype="fp32"), validation))
-        metric_int8 = float(validate(ovr.OpenVinoBackend(folder, dtype="int8"), validation))
+        metric_fp32 = float(control.metric(ovr.OpenVinoBackend(fp32_model, dtype="fp32"), control.items))
+        metric_int8 = float(control.metric(ovr.OpenVinoBackend(folder, dtype="int8"), control.items))
     return Int8Result(folder=folder, metric_fp32=metric_fp32, metric_int8=metric_int8, reverted_layers=count,
                       reverted=reverted[:MAX_LISTED], calibration_images=min(len(calibration), subset_size),
-                      accuracy_control=validate is not None)
+                      accuracy_control=control is not None)

@@ -2,8 +2,10 @@
 
     pre-process (host: cv2 letterbox) -> backend (torch / ONNX Runtime / OpenVINO) -> post-process (NMS)
 
-It imports `model/`-free pieces only (`device.py`, the image readers); `engine/`, `bench/`, `optimize/`,
-`serving/` and the stages import it, never the other way round.
+`host` is the CPU pre/post, `backends` and `openvino` the backends, `pipeline` puts them together, `ondevice` is
+the GPU path (letterbox and NMS on the device, CUDA graphs). It imports only `device.py`, `data.dataset` (the
+letterbox) and `model.postprocess`; `engine/`, `bench/`, `optimize/`, `serving/` and the stages import it, never
+the other way round.
 """
 
 from yolofps.runtime.host import Deployment, Letterboxed, read_rgb

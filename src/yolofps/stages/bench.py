@@ -25,6 +25,7 @@ import torch
 from yolofps import device as dev
 from yolofps.bench import contract, measure, report
 from yolofps.bench.environment import environment_stamp
+from yolofps.bench.rows import BenchRow
 from yolofps.bench.variants import Variant, plan
 from yolofps.config import BenchConfig, Config, to_dict
 from yolofps.data import formats
@@ -89,11 +90,11 @@ def run(cfg: Config, paths: Paths = Paths()) -> StageResult:
         report.judge_accuracy(rows, b.max_map_drop)
         report.add_speedups(rows)
         selected = report.select(rows, b.policy, b.max_map_drop, b.fps_tie)
-        result = {"environment": environment, "variants": rows, "skipped": skipped, "selected": selected,
-                  "summary": _summary(rows, selected)}
+        result = {"environment": environment, "variants": [row.to_json() for row in rows], "skipped": skipped,
+                  "selected": selected, "summary": _summary(rows, selected)}
         contract.validate(result)  # what the registry and other tools read: never write a broken one
         write_json(paths.metrics("bench"), result)
-        reports, table = write_reports(paths, result, deployment)
+        reports, table = write_reports(paths, rows, result, deployment)
         tracking.log_metrics(result["summary"], step=0)
         tracking.set_tags({"selected": str(selected["name"])})
         for artifact in (reports, paths.metrics("bench")):
@@ -129,9 +130,9 @@ class Bench:
 
 
 def check_all(bench: Bench, sources: list[SourceModel]
-              ) -> tuple[list[dict[str, Any]], list[dict[str, str]], dict[str, Pipeline]]:
+              ) -> tuple[list[BenchRow], list[dict[str, str]], dict[str, Pipeline]]:
     """Build, check and score every model × execution: the rows, the skipped modes, and the live pipelines to time."""
-    rows: list[dict[str, Any]] = []
+    rows: list[BenchRow] = []
     skipped: list[dict[str, str]] = []
     live: dict[str, Pipeline] = {}  # variants that passed the checks, timed side by side later
     for source in sources:
@@ -147,15 +148,13 @@ def check_all(bench: Bench, sources: list[SourceModel]
             skipped += skipped_here
         for variant in variants:
             row = _describe(variant, source, size, bench)
-            checked, pipeline = check_variant(variant, model, source, reference, bench)
-            row |= checked
+            pipeline = check_variant(row, variant, model, source, reference, bench)
             verdict = source.verdicts.get(variant.execution.runtime, {})
-            if verdict.get("status") == "rejected" and row["status"] == "ok":
-                row["status"] = "rejected"
-                row["reason"] = f"the quantize stage rejected it (mAP50-95 drop {verdict.get('map_drop')} " \
-                                f"vs its fp32 source)"
+            if verdict.get("status") == "rejected" and row.status == "ok":
+                row.reject(f"the quantize stage rejected it (mAP50-95 drop {verdict.get('map_drop')} vs its fp32 "
+                           "source)")
             if pipeline is not None:
-                live[row["name"]] = pipeline
+                live[row.name] = pipeline
             rows.append(row)
             _print_row(row)
     return rows, skipped, live
@@ -177,61 +176,62 @@ def artifact_for(variant: Variant, source: SourceModel, model: YOLOv5, bench: Be
     return folder if (folder / "model.xml").is_file() else export_openvino(onnx, folder)
 
 
-def write_reports(paths: Paths, result: dict[str, Any], deployment: Deployment) -> tuple[Path, str]:
+def write_reports(paths: Paths, rows: list[BenchRow], result: dict[str, Any], deployment: Deployment
+                  ) -> tuple[Path, str]:
     """reports/bench/ (markdown table, Pareto plot) and plots/bench.csv; returns the folder and the table."""
-    rows, selected = result["variants"], result["selected"]
     reports = fresh_dir(paths.reports / "bench")
-    table = report.markdown_table(rows, result["environment"], dataclasses.asdict(deployment), selected)
+    table = report.markdown_table(rows, result["environment"], dataclasses.asdict(deployment), result["selected"])
     report.write_markdown(reports / "bench.md", table)
     report.pareto_plot(reports / "pareto.png", rows)
     report.write_csv(paths.plots / "bench.csv", rows)
     return reports, table
 
 
-def check_variant(variant: Variant, model: YOLOv5, source: SourceModel, reference: list, bench: Bench
-                  ) -> tuple[dict[str, Any], Pipeline | None]:
-    """Build a variant, check its detections against the source model, measure its mAP.
+def check_variant(row: BenchRow, variant: Variant, model: YOLOv5, source: SourceModel, reference: list,
+                  bench: Bench) -> Pipeline | None:
+    """Build a variant, check its detections against the source model, measure its mAP; fills in `row`.
 
-    Returns the row fields and the pipeline (None when it failed). Any exception becomes a `failed` row with its
-    reason.
+    Returns the pipeline, or None when the row failed: any exception becomes a `failed` row with its reason.
     """
     info = bench.info if variant.device != "cpu" else dev.resolve("cpu", amp=False)
     try:
         artifact = artifact_for(variant, source, model, bench)
         pipeline = build_pipeline(variant.execution, bench.deployment, info, model=model, artifact=artifact)
-        agreement = round(measure.agreement(reference, pipeline.detect(bench.check_images)), 4)
+        row.artifact, row.size_mb = _relative(artifact, bench.root), round(_size(artifact) / 2**20, 3)
+        row.agreement = round(measure.agreement(reference, pipeline.detect(bench.check_images)), 4)
         floor = bench.b.min_agreement_int8 if variant.execution.dtype == "int8" else bench.b.min_agreement
-        if agreement < floor:
-            return {"status": "failed", "agreement": agreement,
-                    "reason": f"diverges from its source model: detection agreement {agreement} < {floor}"}, None
+        if row.agreement < floor:
+            row.fail(f"diverges from its source model: detection agreement {row.agreement} < {floor}")
+            return None
         result, _ = job.evaluate_variant(pipeline, bench.data, bench.eval_train)
-        return {"agreement": agreement, "map50_95": round(result.map50_95, 5), "map50": round(result.map50, 5),
-                "artifact": _relative(artifact, bench.root), "size_mb": round(_size(artifact) / 2**20, 3)}, pipeline
+        row.map50_95, row.map50 = round(result.map50_95, 5), round(result.map50, 5)
+        return pipeline
     except Exception as err:  # a mode that cannot run here is a row, never a crash of the stage
-        return {"status": "failed", "reason": _reason(err)}, None
+        row.fail(_reason(err))
+        return None
 
 
-def time_variants(rows: list[dict[str, Any]], live: dict[str, Pipeline], images: list[Path], b: BenchConfig) -> None:
+def time_variants(rows: list[BenchRow], live: dict[str, Pipeline], images: list[Path], b: BenchConfig) -> None:
     """Batch-1 latency and throughput at each batch size of every live variant, interleaved; fills in the rows."""
-    by_name = {r["name"]: r for r in rows}
+    by_name = {r.name: r for r in rows}
     for info in {p.info.kind: p.info for p in live.values()}.values():
         measure.reset_peak_memory(info)
     latency, failures = measure.time_interleaved(live, measure.batches_of(images, 1), warmup=b.warmup, runs=b.runs)
     for name, timings in latency.items():
-        stats = timings.latency()
-        by_name[name] |= {"fps_b1": round(1000 / stats["p50"], 2), "latency_ms_b1": stats,
-                          "throughput": {"1": round(1000 / stats["p50"], 2)}}
+        row, stats = by_name[name], timings.latency()
+        row.fps_b1, row.latency_ms_b1 = round(1000 / stats["p50"], 2), stats
+        row.throughput = {"1": row.fps_b1}
     for batch in (n for n in b.batch_sizes if n > 1):
         alive = {name: live[name] for name in latency if name not in failures}
         timed, failed = measure.time_interleaved(alive, measure.batches_of(images, batch), warmup=1,
                                                  runs=b.throughput_runs, block=b.throughput_runs)
         failures |= failed
         for name, timings in timed.items():
-            by_name[name]["throughput"][str(batch)] = round(batch * 1000 / float(np.median(timings.total)), 2)
+            by_name[name].throughput[str(batch)] = round(batch * 1000 / float(np.median(timings.total)), 2)
     for name, pipeline in live.items():
-        by_name[name]["peak_memory_mb"] = measure.peak_memory_mb(pipeline.info)  # CUDA: the highest of those timed
+        by_name[name].peak_memory_mb = measure.peak_memory_mb(pipeline.info)  # CUDA: the highest of those timed
     for name, reason in failures.items():
-        by_name[name] |= {"status": "failed", "reason": reason, "fps_b1": None, "latency_ms_b1": None}
+        by_name[name].fail(reason)
 
 
 def _reason(err: Exception) -> str:
@@ -246,15 +246,13 @@ def data_images(data: job.Data) -> list[Path]:
     return [Path(p) for p in data.val_loader.dataset.images]
 
 
-def _describe(variant: Variant, source: SourceModel, size: dict[str, float], bench: Bench) -> dict[str, Any]:
-    """The identity fields of a row (the contract's keys, in its order); artifact and size once it is built."""
+def _describe(variant: Variant, source: SourceModel, size: dict[str, float], bench: Bench) -> BenchRow:
+    """A new row: the variant's identity (its artifact and size are set once it is built)."""
     execution = variant.execution
-    return {"name": variant.name, "baseline": variant.model == "train" and execution == Execution(),
-            "model": variant.model, "runtime": execution.runtime, "mode": execution.mode, "status": "ok",
-            "device": variant.device, "dtype": execution.dtype, "imgsz": bench.deployment.imgsz, "fps_b1": None,
-            "latency_ms_b1": None, "throughput": {}, "map50_95": None, "map50": None, "size_mb": None,
-            "params_m": round(size["params"] / 1e6, 4), "gflops": round(size["gflops"], 3), "speedup_b1": None,
-            "threads": execution.threads, "artifact": _relative(source.torch_folder, bench.root)}
+    return BenchRow(variant.name, variant.model, execution.runtime, execution.mode, execution.dtype, variant.device,
+                    bench.deployment.imgsz, execution.threads, params_m=round(size["params"] / 1e6, 4),
+                    gflops=round(size["gflops"], 3), artifact=_relative(source.torch_folder, bench.root),
+                    baseline=variant.model == "train" and execution == Execution())
 
 
 def _relative(path: Path, root: Path) -> str:
@@ -268,30 +266,29 @@ def _size(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
 
-def _summary(rows: list[dict[str, Any]], selected: dict[str, Any]) -> dict[str, float]:
+def _summary(rows: list[BenchRow], selected: dict[str, Any]) -> dict[str, float]:
     """Flat numbers for `dvc metrics show/diff` and MLflow: the selected variant and the reference rows."""
-    by_name = {r["name"]: r for r in rows}
+    by_name = {r.name: r for r in rows}
     summary: dict[str, float] = {}
     for label, name in (("selected", selected.get("name")), ("baseline", "train/eager-fp32"),
-                        ("reference", (report.reference_row(rows) or {}).get("name"))):
+                        ("reference", getattr(report.reference_row(rows), "name", None))):
         row = by_name.get(name)
-        if row and row.get("fps_b1"):
-            summary |= {f"{label}/fps_b1": row["fps_b1"], f"{label}/map50_95": row["map50_95"]}
+        if row and row.fps_b1:
+            summary |= {f"{label}/fps_b1": row.fps_b1, f"{label}/map50_95": row.map50_95}
     row = by_name.get(selected.get("name"))
     if row:
-        summary |= {"selected/speedup_b1": row["speedup_b1"] or 0.0,
-                    "selected/speedup_vs_reference_b1": row["speedup_vs_reference_b1"] or 0.0}
-    summary["variants_ok"] = sum(r["status"] == "ok" for r in rows)
-    summary["variants_failed"] = sum(r["status"] == "failed" for r in rows)
+        summary |= {"selected/speedup_b1": row.speedup_b1 or 0.0,
+                    "selected/speedup_vs_reference_b1": row.speedup_vs_reference_b1 or 0.0}
+    summary["variants_ok"] = sum(r.status == "ok" for r in rows)
+    summary["variants_failed"] = sum(r.status == "failed" for r in rows)
     return summary
 
 
-def _print_row(row: dict[str, Any]) -> None:
-    if row.get("map50_95") is not None:
-        print(f"bench: {row['name']}: mAP50-95 {row['map50_95']:.4f}, agreement with its source {row['agreement']}",
-              flush=True)
+def _print_row(row: BenchRow) -> None:
+    if row.map50_95 is not None:
+        print(f"bench: {row.name}: mAP50-95 {row.map50_95:.4f}, agreement with its source {row.agreement}", flush=True)
     else:
-        print(f"bench: {row['name']}: {row['status']}: {row.get('reason')}", flush=True)
+        print(f"bench: {row.name}: {row.status}: {row.reason}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,7 @@ from yolofps.fileio import fresh_dir, write_json
 from yolofps.lineage import lineage_tags
 from yolofps.model.yolo import model_info
 from yolofps.optimize.export import export_onnx
-from yolofps.optimize.openvino_int8 import quantize_openvino_int8
+from yolofps.optimize.openvino_int8 import AccuracyControl, quantize_openvino_int8
 from yolofps.optimize.quantize import calibration_batches, quantize_static_int8
 from yolofps.paths import Paths
 from yolofps.registry import TrackingRun
@@ -100,9 +100,8 @@ def openvino_int8(fp32: Path, folder: Path, calibration: list, data: job.Data, c
 
         return evaluate_pipeline(Pipeline(backend, evaluation, cpu), batches, data.names)[0].map50_95
 
-    result = quantize_openvino_int8(fp32, folder, calibration, list(data.val_loader),
-                                    validate if q.accuracy_control else None, max_drop=q.max_map_drop,
-                                    keep_head_float=q.keep_head_float)
+    control = AccuracyControl(list(data.val_loader), validate, q.max_map_drop) if q.accuracy_control else None
+    result = quantize_openvino_int8(fp32, folder, calibration, control, keep_head_float=q.keep_head_float)
     pipeline = build_pipeline(Execution("openvino", dtype="int8"), evaluation, cpu, artifact=folder)
     scored, _ = job.evaluate_variant(pipeline, data, train)
     return {"mAP50-95": round(scored.map50_95, 5), "mAP50": round(scored.map50, 5), "runtime": "openvino",
