@@ -42,7 +42,7 @@ from yolofps.engine import checkpoint
 from yolofps.model.spec import preset
 from yolofps.model.yolo import build_model, model_info
 from yolofps.runtime.host import Deployment
-from yolofps.runtime.ondevice import NMS_KERNEL, DevicePipeline, build, preprocess
+from yolofps.runtime.ondevice import NMS_KERNEL, DeviceMode, DevicePipeline, build, preprocess
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # row name -> (runtime.ondevice mode, dtype); every row but eager runs channels_last on CUDA
@@ -130,8 +130,9 @@ def build_row(name: str, model: torch.nn.Module, host: torch.Tensor, dtype: torc
               args: argparse.Namespace) -> DevicePipeline:
     """The runtime's device pipeline for row `name` with this run's settings."""
     deployment = Deployment(args.imgsz, args.conf, args.iou, args.max_det)
-    return build(MODES[name][0], model, host, dtype, info, deployment, max_candidates=args.max_candidates,
-                 channels_last=info.kind == "cuda" and name != "eager", compile_mode=args.compile_mode)
+    how = DeviceMode(MODES[name][0], dtype, channels_last=info.kind == "cuda" and name != "eager",
+                     max_candidates=args.max_candidates, compile_mode=args.compile_mode)
+    return build(how, model, host, info, deployment)
 
 
 def bench_row(mode: str, model: torch.nn.Module, host: torch.Tensor, reference: torch.Tensor,

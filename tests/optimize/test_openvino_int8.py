@@ -10,7 +10,6 @@ from typing import Any, Sequence
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from yolofps import device as dev
 from yolofps.data import synthetic
@@ -21,7 +20,7 @@ from yolofps.optimize.openvino_int8 import AccuracyControl, detect_head_ops, qua
 from yolofps.runtime import Deployment, Execution, build_pipeline, host
 from yolofps.runtime import openvino as ovr
 
-from helpers import TINY_SPEC
+from helpers import TINY_SPEC, lively
 
 SIZE = 64
 CPU = dev.resolve("cpu", amp=False)
@@ -43,31 +42,10 @@ def _inputs(paths: Sequence[Path]) -> torch.Tensor:
     return host.preprocess(paths, SIZE, CPU)[0]
 
 
-def _lively(model: YOLOv5, images: torch.Tensor) -> YOLOv5:
-    """Random weights with a live signal and BatchNorm statistics from real images (see test_quantize._lively).
-
-    With the default init every output is about its bias and INT8 errors vanish (score error ~1e-6)."""
-    torch.manual_seed(0)
-    for module in model.modules():
-        if isinstance(module, nn.Conv2d):
-            nn.init.normal_(module.weight)
-            module.weight.data += 0.2
-        elif isinstance(module, nn.BatchNorm2d):
-            module.reset_running_stats()
-            module.momentum = None  # one batch sets the running statistics
-    for conv in model.detect.m:
-        nn.init.normal_(conv.weight, std=2 / conv.in_channels ** 0.5)
-        nn.init.zeros_(conv.bias)
-    model.train()
-    with torch.no_grad():
-        model(images)
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def model(images: dict[str, list[Path]]) -> YOLOv5:
     torch.manual_seed(0)
-    return _lively(build_model(preset("tiny", 3)), _inputs(images["train"]))
+    return lively(build_model(preset("tiny", 3)), _inputs(images["train"]))
 
 
 @pytest.fixture(scope="module")

@@ -106,8 +106,8 @@ def test_device_pipeline_gives_the_host_pipelines_detections(model, mode):
     images = noise([(IMGSZ, IMGSZ)] * 3, seed=1)  # square at imgsz: the two inputs are identical
     deployment = Deployment(IMGSZ, 0.0)
     expected = build_pipeline(Execution(), deployment, CPU, model=model).detect(images)
-    pipe = ondevice.build(mode, model, ondevice.host_batch(images, CPU), torch.float32, CPU, deployment,
-                          max_candidates=candidates_per_image(model))
+    how = ondevice.DeviceMode(mode, max_candidates=candidates_per_image(model))
+    pipe = ondevice.build(how, model, ondevice.host_batch(images, CPU), CPU, deployment)
     ours = pipe.detect(ondevice.host_batch(images, CPU))
     assert sum(map(len, expected)) > 100 and agreement(expected, ours) == 1.0
     for want, got in zip(expected, ours, strict=True):
@@ -119,8 +119,8 @@ def test_device_pipeline_agrees_after_a_resize(model):
     images = noise([(128, 128)] * 4, seed=2)  # resized by 1/2 on both paths: inputs within one grey level
     deployment = Deployment(IMGSZ, 0.001)
     expected = build_pipeline(Execution(), deployment, CPU, model=model).detect(images)
-    pipe = ondevice.build("eager", model, ondevice.host_batch(images, CPU), torch.float32, CPU, deployment,
-                          max_candidates=candidates_per_image(model))
+    how = ondevice.DeviceMode("eager", max_candidates=candidates_per_image(model))
+    pipe = ondevice.build(how, model, ondevice.host_batch(images, CPU), CPU, deployment)
     ours = pipe.detect(ondevice.host_batch(images, CPU))
     # at conf 0 the ~140 overlapping low-score boxes per image flip in NMS on the resize's rounding (F1 0.993-1.0)
     assert sum(map(len, expected)) >= 4 * 10 and agreement(expected, ours) > 0.99
@@ -129,9 +129,9 @@ def test_device_pipeline_agrees_after_a_resize(model):
 def test_build_refuses_what_it_cannot_run(model):
     sample = ondevice.host_batch(noise([(IMGSZ, IMGSZ)]), CPU)
     with pytest.raises(ValueError, match="needs CUDA"):
-        ondevice.build("cudagraph", model, sample, torch.float32, CPU, Deployment(IMGSZ))
+        ondevice.build(ondevice.DeviceMode("cudagraph"), model, sample, CPU, Deployment(IMGSZ))
     with pytest.raises(ValueError, match="unknown mode"):
-        ondevice.build("tensorrt", model, sample, torch.float32, CPU, Deployment(IMGSZ))
+        ondevice.build(ondevice.DeviceMode("tensorrt"), model, sample, CPU, Deployment(IMGSZ))
 
 
 @pytest.mark.cuda
@@ -140,8 +140,8 @@ def test_cuda_graphs_replay_each_new_batch(model):
     info = dev.resolve("cuda", amp=False)
     deployment = Deployment(IMGSZ, 0.0)
     batches = [ondevice.host_batch(noise([(80, 96)] * 2, seed=seed), info) for seed in (3, 4)]
-    options = {"max_candidates": candidates_per_image(model), "channels_last": True}
-    graphed = ondevice.build("cudagraph", model, batches[0], torch.float16, info, deployment, **options)
-    eager = ondevice.build("eager", model, batches[0], torch.float16, info, deployment, **options)
+    options = {"dtype": torch.float16, "max_candidates": candidates_per_image(model), "channels_last": True}
+    graphed = ondevice.build(ondevice.DeviceMode("cudagraph", **options), model, batches[0], info, deployment)
+    eager = ondevice.build(ondevice.DeviceMode("eager", **options), model, batches[0], info, deployment)
     for batch in (*batches, batches[0]):  # the static buffers take each new batch
         assert agreement(eager.detect(batch), graphed.detect(batch)) > 0.99

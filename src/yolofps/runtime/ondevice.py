@@ -220,15 +220,26 @@ def _compiled(net: torch.nn.Module, compile_mode: str, info: dev.DeviceInfo) -> 
     return step
 
 
-def build(mode: str, model: torch.nn.Module, sample: torch.Tensor, dtype: torch.dtype, info: dev.DeviceInfo,
-          deployment: Deployment, *, channels_last: bool = False, max_candidates: int = 100,
-          compile_mode: str = "reduce-overhead") -> DevicePipeline:
-    """The three phases of `mode` around a copy of `model` in `dtype`, for host batches shaped like `sample`."""
+@dataclass(frozen=True)
+class DeviceMode:
+    """How the device path runs a model: torch mode, dtype, memory format, NMS candidates, torch.compile mode."""
+
+    mode: str = "eager"  # one of MODES
+    dtype: torch.dtype = torch.float32
+    channels_last: bool = False  # the cudagraph mode always is
+    max_candidates: int = 100  # per image, by obj x best class score, before NMS (fixed shape: graph-capturable)
+    compile_mode: str = "reduce-overhead"
+
+
+def build(how: DeviceMode, model: torch.nn.Module, sample: torch.Tensor, info: dev.DeviceInfo,
+          deployment: Deployment) -> DevicePipeline:
+    """The three phases of `how.mode` around a copy of `model` in `how.dtype`, for host batches shaped like `sample`."""
+    mode, dtype, max_candidates = how.mode, how.dtype, how.max_candidates
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; choose from {list(MODES)}")
     if mode == "cudagraph" and info.kind != "cuda":
         raise ValueError(f"the cudagraph mode needs CUDA (device is {info.kind})")
-    channels_last = channels_last or mode == "cudagraph"
+    channels_last = how.channels_last or mode == "cudagraph"
     net = copy.deepcopy(model).eval().requires_grad_(False).to(info.device, dtype)  # inference only
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
@@ -247,5 +258,5 @@ def build(mode: str, model: torch.nn.Module, sample: torch.Tensor, dtype: torch.
             warnings.simplefilter("ignore")
             net = torch.jit.freeze(torch.jit.trace(net, pre(sample), check_trace=False))
     elif mode == "compile":
-        net = _compiled(net, compile_mode, info)
+        net = _compiled(net, how.compile_mode, info)
     return DevicePipeline(pre, net, post)

@@ -1,13 +1,14 @@
-"""`bench` stage: every model the pipeline produced, in every execution mode of the device, measured end to end.
+"""`bench` stage: every model the pipeline produced, on every runtime and execution mode of the machine, end to end.
 
-For each variant (model × mode): its detections on a few val images are checked against the source model (a
-variant that diverges is `failed`, not reported as fast), its mAP is measured with the training evaluation code,
-then batch-1 latency (p50/p95/p99, split into pre-process / model / post-process) and throughput at each of
+For each variant (model × runtime × mode × dtype × threads), one `runtime.Pipeline` does everything: its
+detections on a few val images are checked against the source model in torch fp32 eager (a variant that diverges
+is `failed`, not reported as fast), its mAP is measured on the val set at the evaluation's NMS settings, then
+batch-1 latency (p50/p95/p99, split into pre-process / model / post-process) and throughput at each of
 `bench.batch_sizes`, all end to end: image file → letterbox → model → NMS at deployment settings. A mode that
 fails to build or run is a `failed` row with the reason; a variant losing more than `bench.max_map_drop`
 mAP50-95 against the baseline (the trained model, torch fp32 eager) is `rejected`. The policy picks the variant
 to register. Writes `metrics/bench.json` (the contract the registry reads), `reports/bench/` (markdown table,
-Pareto plot), `plots/bench.csv`, and `models/bench/` (the ONNX exports the ONNX Runtime rows ran).
+Pareto plot), `plots/bench.csv`, and `models/bench/` (the ONNX files and OpenVINO IR folders the rows ran).
 """
 
 from __future__ import annotations
