@@ -37,3 +37,12 @@ def export_openvino(onnx_path: Path, folder: Path) -> Path:
 
     return openvino.save_ir(openvino.read_model(onnx_path), folder)
 
+
+def artifact_bytes(path: Path) -> int:
+    """Size of a model artifact: a checkpoint folder's weights, an ONNX file, or every file of an IR folder."""
+    path = Path(path)
+    weights = path / "weights.safetensors"
+    if weights.is_file():
+        return weights.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+

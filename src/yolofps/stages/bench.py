@@ -34,7 +34,7 @@ from yolofps.engine import checkpoint, job
 from yolofps.fileio import fresh_dir, write_json
 from yolofps.lineage import lineage_tags
 from yolofps.model.yolo import YOLOv5, model_info
-from yolofps.optimize.export import export_onnx, export_openvino
+from yolofps.optimize.export import artifact_bytes, export_onnx, export_openvino
 from yolofps.paths import Paths
 from yolofps.registry import TrackingRun, log_to_parent_run
 from yolofps.runtime import Deployment, Execution, Pipeline, build_pipeline
@@ -198,7 +198,7 @@ def check_variant(row: BenchRow, variant: Variant, model: YOLOv5, source: Source
     try:
         artifact = artifact_for(variant, source, model, bench)
         pipeline = build_pipeline(variant.execution, bench.deployment, info, model=model, artifact=artifact)
-        row.artifact, row.size_mb = _relative(artifact, bench.root), round(_size(artifact) / 2**20, 3)
+        row.artifact, row.size_mb = _relative(artifact, bench.root), round(artifact_bytes(artifact) / 2**20, 3)
         row.agreement = round(measure.agreement(reference, pipeline.detect(bench.check_images)), 4)
         floor = bench.b.min_agreement_int8 if variant.execution.dtype == "int8" else bench.b.min_agreement
         if row.agreement < floor:
@@ -258,13 +258,6 @@ def _describe(variant: Variant, source: SourceModel, size: dict[str, float], ben
 
 def _relative(path: Path, root: Path) -> str:
     return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
-
-
-def _size(path: Path) -> int:
-    """Bytes of a model: its weights file, or every file of an ONNX file / IR folder."""
-    if (path / checkpoint.WEIGHTS).is_file():
-        return (path / checkpoint.WEIGHTS).stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
 
 def _summary(rows: list[BenchRow], selected: dict[str, Any]) -> dict[str, float]:

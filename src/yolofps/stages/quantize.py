@@ -20,10 +20,11 @@ from yolofps import device as dev
 from yolofps.config import Config, to_dict
 from yolofps.data import formats
 from yolofps.engine import checkpoint, job
+from yolofps.engine.predict import evaluate_pipeline
 from yolofps.fileio import fresh_dir, write_json
 from yolofps.lineage import lineage_tags
 from yolofps.model.yolo import model_info
-from yolofps.optimize.export import export_onnx
+from yolofps.optimize.export import artifact_bytes, export_onnx
 from yolofps.optimize.openvino_int8 import AccuracyControl, quantize_openvino_int8
 from yolofps.optimize.quantize import calibration_batches, quantize_static_int8
 from yolofps.paths import Paths
@@ -77,7 +78,7 @@ def run(cfg: Config, paths: Paths = Paths()) -> StageResult:
         _judge(variants, q.max_map_drop)
         for variant in variants.values():
             if "file" in variant:
-                variant["size_mb"] = round(_size(out / variant["file"]) / 2**20, 3)
+                variant["size_mb"] = round(artifact_bytes(out / variant["file"]) / 2**20, 3)
         write_json(out / "meta.json", meta | {"source": q.source, "variants": variants, "params": size["params"]})
         metrics = flat_metrics(variants, size)
         write_json(paths.metrics("quantize"), metrics)
@@ -95,9 +96,7 @@ def openvino_int8(fp32: Path, folder: Path, calibration: list, data: job.Data, c
     cpu = dev.resolve("cpu", amp=False)
 
     def validate(backend, batches) -> float:
-        # the same evaluation as every other row: the val loader's batches through a runtime pipeline
-        from yolofps.engine.predict import evaluate_pipeline
-
+        # the same evaluation as every other row: val loader batches (NNCF passes a subset) through a pipeline
         return evaluate_pipeline(Pipeline(backend, evaluation, cpu), batches, data.names)[0].map50_95
 
     control = AccuracyControl(list(data.val_loader), validate, q.max_map_drop) if q.accuracy_control else None
@@ -106,11 +105,6 @@ def openvino_int8(fp32: Path, folder: Path, calibration: list, data: job.Data, c
     scored, _ = job.evaluate_variant(pipeline, data, train)
     return {"mAP50-95": round(scored.map50_95, 5), "mAP50": round(scored.map50, 5), "runtime": "openvino",
             "dtype": "int8", "quantization": result.to_json()}
-
-
-def _size(path: Path) -> int:
-    """Bytes of a model file, or of every file in a model folder (IR: .xml + .bin)."""
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
 
 
 def _judge(variants: dict[str, dict[str, Any]], max_drop: float) -> None:
