@@ -116,8 +116,12 @@ class _RevertLog(logging.Handler):
 
 @contextmanager
 def _capture_reverts(nncf_logger: logging.Logger) -> Iterator[_RevertLog]:
-    """NNCF's logger with a `_RevertLog` attached (and at INFO at least) for the duration."""
+    """NNCF's logger with a `_RevertLog` attached (and at INFO at least) for the duration; NNCF's own handlers
+    print warnings only meanwhile (at INFO they print a line per ignored or quantized operation, ~200 for yolov5n)."""
     handler, level = _RevertLog(), nncf_logger.level
+    own = [(h, h.level) for h in nncf_logger.handlers]
+    for h, _ in own:
+        h.setLevel(max(h.level, logging.WARNING))
     nncf_logger.addHandler(handler)
     nncf_logger.setLevel(min(level or logging.INFO, logging.INFO))
     try:
@@ -125,6 +129,8 @@ def _capture_reverts(nncf_logger: logging.Logger) -> Iterator[_RevertLog]:
     finally:
         nncf_logger.removeHandler(handler)
         nncf_logger.setLevel(level)
+        for h, was in own:
+            h.setLevel(was)
 
 
 def _validation_fn(validate: Callable[[Backend, Sequence[Any]], float]) -> Callable[[Any, Any], float]:
@@ -164,17 +170,15 @@ def quantize_openvino_int8(fp32_model: Path, out_folder: Path, calibration: Sequ
     model = ovr.read_model(fp32_model)
     options = _options(nncf, model, keep_head_float, keep_float, subset_size)
     calibration_set = nncf.Dataset(list(calibration))
-    count, reverted = 0, []
-    if control is None:
-        quantized = nncf.quantize(model, calibration_set, **options)
-    else:
-        with _capture_reverts(logging.getLogger("nncf")) as log:
+    with _capture_reverts(logging.getLogger("nncf")) as log:  # plain PTQ reverts nothing: 0, []
+        if control is None:
+            quantized = nncf.quantize(model, calibration_set, **options)
+        else:
             quantized = nncf.quantize_with_accuracy_control(
                 model, calibration_dataset=calibration_set, validation_dataset=nncf.Dataset(list(control.items)),
                 validation_fn=_validation_fn(control.metric), max_drop=control.max_drop,
-                drop_type=nncf.DropType.ABSOLUTE,
-                **options)
-        count, reverted = log.reverted()
+                drop_type=nncf.DropType.ABSOLUTE, **options)
+    count, reverted = log.reverted()
     # NNCF already stores the quantized weights as int8; save_ir keeps the float ones fp32 (no fp16 compression)
     folder = ovr.save_ir(quantized, out_folder)
     metric_fp32 = metric_int8 = None
