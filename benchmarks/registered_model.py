@@ -16,29 +16,16 @@ import json
 import sys
 from pathlib import Path
 
-from yolofps import device as dev
 from yolofps import registry
 from yolofps.bench import measure
+from yolofps.bench.remeasure import row_pipeline
 from yolofps.bench.environment import write_result
 from yolofps.config import load_config
 from yolofps.data import formats
 from yolofps.paths import Paths
-from yolofps.runtime import Deployment, Execution, build_pipeline
+from yolofps.runtime import Deployment
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-
-
-def bench_pipeline(root: Path, row: dict, deployment: Deployment):
-    """The bench stage's pipeline for `row` (a metrics/bench.json variant), built from its artifact."""
-    execution = Execution(row["runtime"], row["mode"], row["dtype"], row.get("threads", 0))
-    artifact = root / row["artifact"]
-    info = dev.resolve(row["device"], amp=False)
-    if row["runtime"] in ("torch", "xla"):
-        from yolofps.engine import checkpoint
-
-        model, _ = checkpoint.load_model(artifact)
-        return build_pipeline(execution, deployment, info, model=model.eval())
-    return build_pipeline(execution, deployment, info, artifact=artifact)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     version, tags, detector = registry.load_detector(cfg.mlflow, cfg.register.model_name, args.alias)
     row = next(v for v in bench["variants"] if v["name"] == tags["variant"])
     deployment = Deployment(**bench["environment"]["deployment"])
-    pipelines = {"registered": detector.pipeline, "bench": bench_pipeline(root, row, deployment)}
+    pipelines = {"registered": detector.pipeline, "bench": row_pipeline(root, row, deployment)}
     images = formats.list_images(Paths(root).augmented_data / "images" / "val")
     agreement = measure.agreement(pipelines["bench"].detect(images), pipelines["registered"].detect(images))
     timings, failures = measure.time_interleaved(pipelines, measure.batches_of(images, 1), warmup=10, runs=args.runs)
