@@ -40,7 +40,7 @@ demo: $(STAMP)
 	@echo "  augmented data set  data/augmented/"
 	@echo "  validation report   reports/data_validation.json"
 	@echo "  trained model       models/train/{best,last}/ (arch.json, weights.safetensors, meta.json)"
-	@echo "  optimized models    models/prune/prune-*/, models/distill/, models/quantize/*.onnx"
+	@echo "  optimized models    models/prune/prune-*/, models/distill/, models/quantize/ (ONNX INT8, OpenVINO INT8 IR)"
 	@echo "  benchmark           metrics/bench.json (every variant; selected), reports/bench/{bench.md,pareto.png}"
 	@echo "  metrics             metrics/*.json   (dvc metrics show)"
 	@echo "  plots               plots/train.csv, plots/bench.csv, plots/train/*.png   (dvc plots show)"

@@ -16,7 +16,9 @@ is renamed after the output and an IR has no ONNX graph, so the decode is found 
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import gc
 import logging
 import os
 import re
@@ -133,6 +135,34 @@ def _capture_reverts(nncf_logger: logging.Logger) -> Iterator[_RevertLog]:
             h.setLevel(was)
 
 
+class _SignalStack(ctypes.Structure):
+    _fields_ = [("ss_sp", ctypes.c_void_p), ("ss_flags", ctypes.c_int), ("ss_size", ctypes.c_size_t)]
+
+
+@contextmanager
+def _keep_signal_stack() -> Iterator[None]:
+    """Restore this thread's alternate signal stack after NNCF has created and dropped its own OpenVINO Cores.
+
+    OpenVINO's CPU plugin installs an alternate signal stack per Core and, when the Core goes, puts back the one it
+    found and unmaps its own. NNCF compiles through throw-away Cores (`ov.compile_model`) that end out of order,
+    so the last one puts back a stack already unmapped, and the next signal Python handles (SIGCHLD, SIGINT)
+    kills the process with SIGSEGV (seen in the test suite; reproduced with two `ov.compile_model` calls deleted
+    first-in first-out). The runtime itself keeps one Core for the process, which never goes.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        saved = _SignalStack()
+        libc.sigaltstack(None, ctypes.byref(saved))
+    except (OSError, AttributeError):  # no sigaltstack here (not Linux): nothing to protect
+        yield
+        return
+    try:
+        yield
+    finally:
+        gc.collect()  # NNCF's compiled models and Cores go now, each putting back what it found
+        libc.sigaltstack(ctypes.byref(saved), None)
+
+
 def _validation_fn(validate: Callable[[Backend, Sequence[Any]], float]) -> Callable[[Any, Any], float]:
     """NNCF's validation_fn(compiled model, items) -> float over the project's validate(backend, items)."""
     # NNCF compiles each candidate itself (CPU, f32 inference precision) and hands over an iterable of items; it
@@ -170,7 +200,7 @@ def quantize_openvino_int8(fp32_model: Path, out_folder: Path, calibration: Sequ
     model = ovr.read_model(fp32_model)
     options = _options(nncf, model, keep_head_float, keep_float, subset_size)
     calibration_set = nncf.Dataset(list(calibration))
-    with _capture_reverts(logging.getLogger("nncf")) as log:  # plain PTQ reverts nothing: 0, []
+    with _keep_signal_stack(), _capture_reverts(logging.getLogger("nncf")) as log:  # plain PTQ reverts nothing
         if control is None:
             quantized = nncf.quantize(model, calibration_set, **options)
         else:
