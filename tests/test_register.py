@@ -169,7 +169,7 @@ def test_promotion_follows_the_gates_and_keeps_history(pipeline):
     other = "quantize/onnxruntime-int8" if bench["selected"]["name"] != "quantize/onnxruntime-int8" else \
         "train/eager-fp32"
     second = register.run(with_register(cfg, variant=other), Paths(root)).metrics["version"]
-    assert second == first + 1
+    assert second > first  # a new version (the OpenVINO test before this one registered another in between)
     impossible = GatesConfig(min_fps_gain=1000.0)  # would need 1001x the champion's FPS
     assert not promote(cfg.mlflow, NAME, impossible, alias="challenger", user="test", retries=1).moved
     forced = promote(cfg.mlflow, NAME, impossible, alias="challenger", force=True, reason="INT8 for the edge box",
