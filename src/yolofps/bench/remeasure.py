@@ -18,21 +18,15 @@ from yolofps.bench.environment import device_name, environment_stamp
 from yolofps.config import Config
 from yolofps.data import formats
 from yolofps.paths import Paths
-from yolofps.runtime import Deployment, Pipeline
+from yolofps.runtime import Deployment, Execution, Pipeline
 
 
 def row_pipeline(root: Path, row: dict[str, Any], deployment: Deployment) -> Pipeline:
     """The pipeline a metrics/bench.json row describes (runtime, mode, dtype, threads, artifact), rebuilt here."""
-    from yolofps import device as dev
-    from yolofps.engine import checkpoint
-    from yolofps.runtime import Execution, build_pipeline
+    from yolofps.serving.detector import load_pipeline  # serving sits above bench: imported on use
 
     execution = Execution(row["runtime"], row["mode"], row["dtype"], row.get("threads", 0))
-    artifact, info = root / row["artifact"], dev.resolve(row["device"], amp=False)
-    if row["runtime"] in ("torch", "xla"):
-        model, _ = checkpoint.load_model(artifact)
-        return build_pipeline(execution, deployment, info, model=model.eval())
-    return build_pipeline(execution, deployment, info, artifact=artifact)
+    return load_pipeline(root / row["artifact"], execution, deployment, row["device"])
 
 
 def remeasure(detectors: dict[str, Any], images: Sequence[Path], *, warmup: int, runs: int) -> dict[str, dict]:

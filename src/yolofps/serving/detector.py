@@ -39,6 +39,15 @@ class ServingConfig:
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
 
+def load_pipeline(artifact: Path, execution: Execution, deployment: Deployment, device: str = "auto"):
+    """The pipeline of a model artifact: a checkpoint folder for torch, an ONNX file or IR folder for the others."""
+    info = dev.resolve("cpu" if execution.runtime in ("onnxruntime", "openvino") else device, amp=False)
+    if execution.runtime in ("torch", "xla"):
+        torch_model, _ = checkpoint.load_model(artifact)
+        return build_pipeline(execution, deployment, info, model=torch_model.eval())
+    return build_pipeline(execution, deployment, info, artifact=Path(artifact))
+
+
 class Detector:
     """Load a model artifact (a checkpoint folder, an ONNX file or an OpenVINO IR folder) and detect objects."""
 
@@ -47,12 +56,7 @@ class Detector:
         artifact = Path(artifact)
         deployment = Deployment(config.imgsz, config.conf, config.iou, config.max_det)
         execution = Execution(config.runtime, config.mode, config.dtype, config.threads)
-        info = dev.resolve("cpu" if config.runtime in ("onnxruntime", "openvino") else config.device, amp=False)
-        if config.runtime in ("torch", "xla"):
-            torch_model, _ = checkpoint.load_model(artifact)
-            self.pipeline = build_pipeline(execution, deployment, info, model=torch_model.eval())
-        else:
-            self.pipeline = build_pipeline(execution, deployment, info, artifact=artifact)
+        self.pipeline = load_pipeline(artifact, execution, deployment, config.device)
 
     def detect(self, images: Sequence[str | Path | np.ndarray]) -> list[np.ndarray]:
         """Per image [k, 6] (x1, y1, x2, y2, score, class) in its own pixels; arrays are uint8 RGB HWC."""
