@@ -11,6 +11,7 @@ import torch
 import yaml
 
 from helpers import PROJECT_ROOT, TINY_PARAMS
+from yolofps import metric_names as names
 from yolofps.bench import contract
 from yolofps.config import load_config
 from yolofps.paths import Paths
@@ -63,9 +64,12 @@ def test_prune_and_distill_report_the_comparison(pipeline_root):
     root, cfg = pipeline_root
     prune = json.loads((root / "metrics" / "prune.json").read_text())
     assert prune["prune-0.5/params"] < prune["baseline/params"]
-    assert {"prune-0.5/mAP50-95_pruned", "prune-0.5/mAP50-95", "prune-0.5/size_mb"} <= set(prune)
+    assert {"prune-0.5/before_finetune/metrics/mAP50-95B", "prune-0.5/metrics/mAP50-95B", "prune-0.5/size_mb"} <= set(
+        prune)
     distill = json.loads((root / "metrics" / "distill.json").read_text())
-    assert distill["comparison_is_fair"] == 1 and distill["no_kd/mAP50-95"] == prune["prune-0.5/mAP50-95"]
+    no_kd = distill["no_kd/metrics/mAP50-95B"]
+    assert distill["comparison_is_fair"] == 1 and no_kd == prune["prune-0.5/metrics/mAP50-95B"]
+    assert distill["kd_gain/metrics/mAP50-95B"] == pytest.approx(distill["metrics/mAP50-95B"] - no_kd, abs=1e-5)
     assert distill["params"] == prune["prune-0.5/params"]  # same student architecture as the no-KD control
 
 
@@ -73,9 +77,9 @@ def test_quantize_scores_every_variant_through_the_same_evaluation(pipeline_root
     root, _ = pipeline_root
     metrics = json.loads((root / "metrics" / "quantize.json").read_text())
     for variant in ("torch-fp32", "ort-fp32", "ort-int8", "openvino-int8"):
-        assert 0.0 <= metrics[f"{variant}/mAP50-95"] <= 1.0 and metrics[f"{variant}/accepted"] in (0, 1)
+        assert 0.0 <= metrics[f"{variant}/metrics/mAP50-95B"] <= 1.0 and metrics[f"{variant}/accepted"] in (0, 1)
     # ONNX Runtime fp32 runs the same graph: its accuracy matches torch
-    assert abs(metrics["ort-fp32/mAP50-95"] - metrics["torch-fp32/mAP50-95"]) < 0.01
+    assert abs(metrics["ort-fp32/metrics/mAP50-95B"] - metrics["torch-fp32/metrics/mAP50-95B"]) < 0.01
     assert metrics["ort-int8/size_mb"] < metrics["ort-fp32/size_mb"]
     meta = json.loads((root / "models" / "quantize" / "meta.json").read_text())
     assert meta["variants"]["ort-int8"]["quantization"]["format"] == "QDQ"
@@ -106,10 +110,38 @@ def test_bench_writes_the_contract_for_every_model_and_mode(pipeline_root):
             assert (root / variant["artifact"]).exists()
     # trace and ONNX Runtime fp32 run the same weights: the same accuracy as eager
     by_name = {v["name"]: v for v in result["variants"]}
-    assert abs(by_name["train/trace-fp32"]["map50_95"] - baseline["map50_95"]) < 1e-3
-    assert abs(by_name["train/onnxruntime-fp32"]["map50_95"] - baseline["map50_95"]) < 0.01
+    assert abs(by_name["train/trace-fp32"]["metrics/mAP50-95B"] - baseline["metrics/mAP50-95B"]) < 1e-3
+    assert abs(by_name["train/onnxruntime-fp32"]["metrics/mAP50-95B"] - baseline["metrics/mAP50-95B"]) < 0.01
     assert result["selected"]["name"] in names and result["environment"]["deployment"]["conf"] == 0.25
     assert "| train/eager-fp32 |" in (root / "reports" / "bench" / "bench.md").read_text()
+
+
+def metric_keys(document: dict, where: str = "") -> list[tuple[str, str]]:
+    """Every (where, key) in a JSON document, nested dicts and lists included."""
+    found = []
+    for key, value in document.items():
+        found.append((where, key))
+        values = value if isinstance(value, list) else [value]
+        found += [k for v in values if isinstance(v, dict) for k in metric_keys(v, f"{where}/{key}")]
+    return found
+
+
+def test_every_accuracy_figure_is_spelled_the_ultralytics_way(pipeline_root):
+    """One vocabulary: mAP, precision and recall appear only as `[scope/]metrics/<name>B` in every metrics file."""
+    root, _ = pipeline_root
+    bad = []
+    for path in sorted((root / "metrics").glob("*.json")):
+        for where, key in metric_keys(json.loads(path.read_text())):
+            name = key.lower()
+            if any(word in name for word in ("map5", "precision", "recall")) and not any(
+                    key == n or key.endswith("/" + n) for n in names.BOX):
+                bad.append(f"{path.name}{where}: {key}")
+    assert not bad, bad
+    summary = json.loads((root / "metrics" / "bench.json").read_text())["summary"]
+    assert {"selected/metrics/mAP50-95B", "baseline/metrics/mAP50-95B"} <= set(summary)
+    header = (root / "reports" / "bench" / "bench.md").read_text()
+    assert "| metrics/mAP50-95B | metrics/mAP50B |" in header
+    assert "metrics/mAP50-95B" in (root / "plots" / "bench.csv").read_text().splitlines()[0]
 
 
 def test_bench_marks_a_broken_variant_failed_and_keeps_going(pipeline_root, monkeypatch):

@@ -7,6 +7,7 @@ from typing import Any
 import jsonschema
 
 from yolofps.errors import YolofpsError
+from yolofps.metric_names import MAP50, MAP50_95
 
 _NUMBER = {"type": ["number", "null"]}
 _LATENCY = {"type": ["object", "null"], "required": ["p50", "p95", "p99", "pre", "model", "post"],
@@ -15,7 +16,7 @@ _LATENCY = {"type": ["object", "null"], "required": ["p50", "p95", "p99", "pre",
 VARIANT = {
     "type": "object",
     "required": ["name", "baseline", "model", "runtime", "mode", "status", "device", "dtype", "imgsz", "fps_b1",
-                 "latency_ms_b1", "throughput", "map50_95", "map50", "size_mb", "params_m", "gflops", "speedup_b1"],
+                 "latency_ms_b1", "throughput", MAP50_95, MAP50, "size_mb", "params_m", "gflops", "speedup_b1"],
     "properties": {
         "name": {"type": "string"},
         "baseline": {"type": "boolean"},
@@ -29,8 +30,8 @@ VARIANT = {
         "fps_b1": _NUMBER,
         "latency_ms_b1": _LATENCY,
         "throughput": {"type": "object", "additionalProperties": {"type": "number", "minimum": 0}},
-        "map50_95": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
-        "map50": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+        MAP50_95: {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+        MAP50: {"type": ["number", "null"], "minimum": 0, "maximum": 1},
         "size_mb": _NUMBER,
         "params_m": _NUMBER,
         "gflops": _NUMBER,
@@ -43,7 +44,7 @@ VARIANT = {
     "allOf": [{"if": {"properties": {"status": {"const": "failed"}}}, "then": {"required": ["reason"]}},
               {"if": {"properties": {"status": {"const": "ok"}}},
                "then": {"properties": {"fps_b1": {"type": "number", "exclusiveMinimum": 0},
-                                       "latency_ms_b1": {"type": "object"}, "map50_95": {"type": "number"}}}}],
+                                       "latency_ms_b1": {"type": "object"}, MAP50_95: {"type": "number"}}}}],
 }
 
 SCHEMA = {

@@ -8,6 +8,7 @@ from typing import Any, Sequence
 
 from yolofps.bench.rows import BenchRow
 from yolofps.fileio import write_text
+from yolofps.metric_names import MAP50, MAP50_95
 
 
 def reference_row(rows: Sequence[BenchRow]) -> BenchRow | None:
@@ -84,7 +85,7 @@ def markdown_table(rows: Sequence[BenchRow], environment: dict[str, Any], deploy
              f"letterbox + model + NMS at conf {deployment['conf']}, IoU {deployment['iou']}, max_det "
              f"{deployment['max_det']}). vs torch eager: train/eager-fp32; vs fastest unpruned: {reference} (the "
              "unpruned model's fastest float row on any runtime).", "",
-             "| Variant | Status | Size (MB) | mAP50-95 | mAP50 | ms/img (pre+model+post) | FPS | vs torch eager "
+             f"| Variant | Status | Size (MB) | {MAP50_95} | {MAP50} | ms/img (pre+model+post) | FPS | vs torch eager "
              "| vs fastest unpruned |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
@@ -108,7 +109,7 @@ def _num(value: Any, digits: int, suffix: str = "") -> str:
 def write_csv(path: Path, rows: Sequence[BenchRow]) -> None:
     """One line per variant that ran (DVC plots: FPS vs mAP50-95)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fields = ["name", "status", "fps_b1", "map50_95", "map50", "size_mb"]
+    fields = ["name", "status", "fps_b1", MAP50_95, MAP50, "size_mb"]
     with path.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
@@ -132,7 +133,7 @@ def pareto_plot(path: Path, rows: Sequence[BenchRow]) -> None:
         points = sorted((by_name[n].fps_b1, by_name[n].map50_95) for n in front)
         ax.plot(*zip(*points), color="tab:red", linewidth=1, label="Pareto front")
         ax.legend(loc="lower left")
-    ax.set(xlabel="FPS, batch 1, end to end", ylabel="mAP50-95", title="Speed vs accuracy (x = rejected)")
+    ax.set(xlabel="FPS, batch 1, end to end", ylabel=MAP50_95, title="Speed vs accuracy (x = rejected)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

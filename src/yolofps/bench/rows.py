@@ -6,6 +6,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from yolofps.metric_names import MAP50, MAP50_95
+
+# Attribute -> contract key where the contract uses the one metric vocabulary (yolofps.metric_names)
+JSON_KEYS = {"map50_95": MAP50_95, "map50": MAP50}
+
 
 @dataclass
 class BenchRow:
@@ -27,8 +32,8 @@ class BenchRow:
     reason: str | None = None
     size_mb: float | None = None
     agreement: float | None = None  # detection F1 against the source model in torch fp32 eager
-    map50_95: float | None = None
-    map50: float | None = None
+    map50_95: float | None = None  # `metrics/mAP50-95B` in the contract
+    map50: float | None = None  # `metrics/mAP50B`
     map_drop: float | None = None  # against the baseline
     fps_b1: float | None = None  # end to end, batch 1, from the p50 latency
     latency_ms_b1: dict[str, float] | None = None  # p50/p95/p99 and the pre/model/post medians
@@ -53,9 +58,11 @@ class BenchRow:
     def to_json(self) -> dict[str, Any]:
         """The contract's entry (`bench.contract.VARIANT`); fields that were never set are left out."""
         optional = ("reason", "agreement", "map_drop", "peak_memory_mb")
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None or k not in optional}
+        return {JSON_KEYS.get(k, k): v for k, v in dataclasses.asdict(self).items()
+                if v is not None or k not in optional}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> BenchRow:
         """A row read back from metrics/bench.json (unknown keys are ignored)."""
-        return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls) if f.name in data})
+        fields = ((f.name, JSON_KEYS.get(f.name, f.name)) for f in dataclasses.fields(cls))
+        return cls(**{name: data[key] for name, key in fields if key in data})

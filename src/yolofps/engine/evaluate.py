@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from faster_coco_eval import COCO, COCOeval_faster
 
+from yolofps.metric_names import MAP50, MAP50_95, PRECISION, RECALL
+
 logger = logging.getLogger(__name__)
 
 # Recorded in EvalResult.settings so the P/R figures travel with their definition (see evaluate_detections)
@@ -39,13 +41,13 @@ class EvalResult:
     recall_thresholds: np.ndarray | None = field(default=None, repr=False)  # [R]
 
     def metrics(self) -> dict[str, float]:
-        """Ultralytics metric names made MLflow-safe ('metrics/mAP50(B)' -> 'metrics/mAP50B')."""
-        return {
-            "metrics/precisionB": self.precision,
-            "metrics/recallB": self.recall,
-            "metrics/mAP50B": self.map50,
-            "metrics/mAP50-95B": self.map50_95,
-        }
+        """All four box metrics under their one name (`yolofps.metric_names`)."""
+        return {PRECISION: self.precision, RECALL: self.recall, MAP50: self.map50,
+                MAP50_95: self.map50_95}
+
+    def accuracy(self) -> dict[str, float]:
+        """The two figures a variant is compared by, rounded for metrics files and tags."""
+        return {MAP50_95: round(self.map50_95, 5), MAP50: round(self.map50, 5)}
 
 
 def _as_rows(array: np.ndarray, width: int, what: str, index: int) -> np.ndarray:

@@ -17,6 +17,7 @@ from torch import nn
 from yolofps import device as dev
 from yolofps.data import formats
 from yolofps.engine.evaluate import EvalResult, evaluate_detections
+from yolofps.metric_names import MAP50, MAP50_95
 from yolofps.runtime import Deployment, Letterboxed, Pipeline, eval_pipeline
 
 
@@ -67,4 +68,4 @@ def evaluate_model(model: nn.Module, loader, info: dev.DeviceInfo, names: Sequen
 
 def fitness(metrics: dict[str, float]) -> float:
     """ultralytics' model fitness: 0.1 * mAP50 + 0.9 * mAP50-95."""
-    return 0.1 * metrics.get("metrics/mAP50B", 0.0) + 0.9 * metrics.get("metrics/mAP50-95B", 0.0)
+    return 0.1 * metrics.get(MAP50, 0.0) + 0.9 * metrics.get(MAP50_95, 0.0)

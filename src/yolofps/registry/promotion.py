@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from yolofps.config import GatesConfig, MLflowConfig
+from yolofps.metric_names import MAP50_95
 from yolofps.registry.common import CHALLENGER, CHAMPION, HISTORY_PREFIX, _quiet_http_retries, with_retries
 
 
@@ -46,13 +47,13 @@ class Promotion:
 
 
 def check_gates(candidate: dict[str, str], champion: dict[str, str] | None, gates: GatesConfig) -> list[Gate]:
-    """The promotion gates on two versions' tags (map50_95, fps_b1, device)."""
-    cand_map, cand_fps = float(candidate.get("map50_95", "nan")), float(candidate.get("fps_b1", "nan"))
+    """The promotion gates on two versions' tags (metrics/mAP50-95B, fps_b1, device)."""
+    cand_map, cand_fps = _map50_95(candidate), float(candidate.get("fps_b1", "nan"))
     checks = [Gate("mAP50-95 floor", cand_map >= gates.min_map50_95, f"{cand_map:.4f} >= {gates.min_map50_95}"),
               Gate("FPS floor", cand_fps >= gates.min_fps_b1, f"{cand_fps:.1f} >= {gates.min_fps_b1}")]
     if champion is None:
         return checks
-    champ_map, champ_fps = float(champion.get("map50_95", "nan")), float(champion.get("fps_b1", "nan"))
+    champ_map, champ_fps = _map50_95(champion), float(champion.get("fps_b1", "nan"))
     checks.append(Gate("mAP50-95 vs champion", cand_map >= champ_map - gates.map_tolerance,
                        f"{cand_map:.4f} >= {champ_map:.4f} - {gates.map_tolerance}"))
     same_device = candidate.get("bench_device_name") == champion.get("bench_device_name")
@@ -65,6 +66,11 @@ def check_gates(candidate: dict[str, str], champion: dict[str, str] | None, gate
                            f"({candidate.get('bench_device_name')} vs {champion.get('bench_device_name')}): "
                            "re-benchmark both on one device, or --force with a reason"))
     return checks
+
+
+def _map50_95(tags: dict[str, str]) -> float:
+    """A version's mAP50-95 tag; versions registered before the one vocabulary (2026-12) spelled it `map50_95`."""
+    return float(tags.get(MAP50_95, tags.get("map50_95", "nan")))
 
 
 def promote(cfg: MLflowConfig, model_name: str, gates: GatesConfig, *, version: int | None = None,

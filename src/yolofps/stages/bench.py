@@ -33,6 +33,7 @@ from yolofps.data import formats
 from yolofps.engine import checkpoint, job
 from yolofps.fileio import fresh_dir, write_json
 from yolofps.lineage import lineage_tags
+from yolofps.metric_names import MAP50_95, scoped
 from yolofps.model.yolo import YOLOv5, model_info
 from yolofps.optimize.export import artifact_bytes, export_onnx, export_openvino
 from yolofps.paths import Paths
@@ -268,7 +269,7 @@ def _summary(rows: list[BenchRow], selected: dict[str, Any]) -> dict[str, float]
                         ("reference", getattr(report.reference_row(rows), "name", None))):
         row = by_name.get(name)
         if row and row.fps_b1:
-            summary |= {f"{label}/fps_b1": row.fps_b1, f"{label}/map50_95": row.map50_95}
+            summary |= {f"{label}/fps_b1": row.fps_b1, scoped(label, MAP50_95): row.map50_95}
     row = by_name.get(selected.get("name"))
     if row:
         summary |= {"selected/speedup_b1": row.speedup_b1 or 0.0,

@@ -17,6 +17,7 @@ from yolofps.config import Config, to_dict
 from yolofps.engine import checkpoint, job
 from yolofps.fileio import fresh_dir, write_json
 from yolofps.lineage import lineage_tags
+from yolofps.metric_names import MAP50_95, scoped
 from yolofps.model.spec import preset
 from yolofps.model.yolo import YOLOv5, build_model
 from yolofps.optimize.distill import DistillationObjective
@@ -71,11 +72,11 @@ def comparison(paths: Paths, cfg: Config, map_kd: float) -> dict[str, Any]:
     """KD vs no-KD for the same student and budget (the prune stage's fine-tune), and vs the teacher."""
     prune_metrics = json.loads(paths.metrics("prune").read_text())
     name = variant_name(cfg.distill.ratio)
-    out = {"teacher/mAP50-95": prune_metrics["baseline/mAP50-95"]}
+    out = {scoped("teacher", MAP50_95): prune_metrics[scoped("baseline", MAP50_95)]}
     fair = cfg.distill.student == "pruned" and cfg.distill.epochs == cfg.prune.finetune_epochs
     if fair:
-        out |= {"no_kd/mAP50-95": prune_metrics[f"{name}/mAP50-95"],
-                "kd_gain/mAP50-95": round(map_kd - prune_metrics[f"{name}/mAP50-95"], 5)}
+        no_kd = prune_metrics[scoped(name, MAP50_95)]
+        out |= {scoped("no_kd", MAP50_95): no_kd, scoped("kd_gain", MAP50_95): round(map_kd - no_kd, 5)}
     return out | {"comparison_is_fair": int(fair)}
 
 

@@ -3,7 +3,7 @@
 A pruned model is a new ArchSpec with fewer channels (torch-pruning DepGraph keeps residual and concat
 paths consistent), so it saves and loads like any model and runs faster without sparse kernels. Writes
 `models/prune/prune-<ratio>/` (best fine-tuned weights), `metrics/prune.json` (params, GFLOPs and mAP before
-pruning, right after it, and after fine-tuning, per ratio) and `plots/prune/prune-<ratio>.csv`.
+pruning, right after it (`before_finetune/`), and after fine-tuning, per ratio) and `plots/prune/prune-<ratio>.csv`.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from yolofps.config import Config, PruneConfig, TrainConfig, to_dict
 from yolofps.engine import checkpoint, job
 from yolofps.fileio import fresh_dir, write_json
 from yolofps.lineage import lineage_tags
+from yolofps.metric_names import MAP50, MAP50_95, scoped
 from yolofps.model.yolo import YOLOv5, model_info
 from yolofps.optimize.prune import prune_model
 from yolofps.paths import Paths
@@ -47,8 +48,7 @@ def size_and_accuracy(model: YOLOv5, data: job.Data, info: dev.DeviceInfo, train
     """Params, GFLOPs at imgsz, mAP50-95 and mAP50 of a model as it is now."""
     size = model_info(model.cpu(), train.imgsz)
     result, _ = job.evaluate(dev.prepare_model(model, info).eval(), data, info, train)
-    return {"params": size["params"], "gflops": round(size["gflops"], 4), "mAP50-95": round(result.map50_95, 5),
-            "mAP50": round(result.map50, 5)}
+    return {"params": size["params"], "gflops": round(size["gflops"], 4)} | result.accuracy()
 
 
 def run(cfg: Config, paths: Paths = Paths()) -> StageResult:
@@ -87,9 +87,8 @@ def prune_one(cfg: Config, paths: Paths, data: job.Data, info: dev.DeviceInfo, f
                           info=info, checkpoints=paths.checkpoints("prune") / name,
                           history_csv=paths.plots / "prune" / f"{name}.csv", tracking=tracking, meta=meta)
         variant = {"params": after_pruning["params"], "gflops": after_pruning["gflops"],
-                   "mAP50-95_pruned": after_pruning["mAP50-95"], "mAP50_pruned": after_pruning["mAP50"],
-                   "mAP50-95": round(out.result.map50_95, 5), "mAP50": round(out.result.map50, 5),
-                   "size_mb": 0.0}
+                   **{scoped("before_finetune", k): after_pruning[k] for k in (MAP50_95, MAP50)},
+                   **out.result.accuracy(), "size_mb": 0.0}
         checkpoint.save_model(paths.models("prune") / name, out.model.cpu(), meta | {"metrics": variant})
         variant["size_mb"] = round((paths.models("prune") / name / checkpoint.WEIGHTS).stat().st_size / 2**20, 3)
         job.mark_finished(paths.checkpoints("prune") / name, {"metrics": variant})

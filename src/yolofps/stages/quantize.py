@@ -23,6 +23,7 @@ from yolofps.engine import checkpoint, job
 from yolofps.engine.predict import evaluate_pipeline
 from yolofps.fileio import fresh_dir, write_json
 from yolofps.lineage import lineage_tags
+from yolofps.metric_names import MAP50, MAP50_95, scoped
 from yolofps.model.yolo import model_info
 from yolofps.optimize.export import artifact_bytes, export_onnx
 from yolofps.optimize.openvino_int8 import AccuracyControl, quantize_openvino_int8
@@ -57,8 +58,7 @@ def run(cfg: Config, paths: Paths = Paths()) -> StageResult:
     def score(execution: Execution, **source: Any) -> dict[str, Any]:
         pipeline = build_pipeline(execution, deployment, info if execution.runtime == "torch" else cpu, **source)
         result, _ = job.evaluate_variant(pipeline, data, train)
-        return {"mAP50-95": round(result.map50_95, 5), "mAP50": round(result.map50, 5),
-                "runtime": execution.runtime, "dtype": execution.dtype}
+        return result.accuracy() | {"runtime": execution.runtime, "dtype": execution.dtype}
 
     with TrackingRun(cfg.mlflow, run_name="quantize", params={"quantize": to_dict(q)},
                      tags=lineage_tags(paths.root, "quantize", to_dict(q)) | {"source": q.source}) as tracking:
@@ -85,7 +85,7 @@ def run(cfg: Config, paths: Paths = Paths()) -> StageResult:
         tracking.log_metrics(metrics, step=0)
         tracking.log_artifacts(out, "model")
     for name, variant in variants.items():
-        print(f"quantize: {name}: mAP50-95={variant['mAP50-95']:.4f} status={variant['status']}", flush=True)
+        print(f"quantize: {name}: mAP50-95={variant[MAP50_95]:.4f} status={variant['status']}", flush=True)
     return StageResult(outputs={"models": out, "metrics": paths.metrics("quantize")}, metrics=metrics)
 
 
@@ -103,15 +103,14 @@ def openvino_int8(fp32: Path, folder: Path, calibration: list, data: job.Data, c
     result = quantize_openvino_int8(fp32, folder, calibration, control, keep_head_float=q.keep_head_float)
     pipeline = build_pipeline(Execution("openvino", dtype="int8"), evaluation, cpu, artifact=folder)
     scored, _ = job.evaluate_variant(pipeline, data, train)
-    return {"mAP50-95": round(scored.map50_95, 5), "mAP50": round(scored.map50, 5), "runtime": "openvino",
-            "dtype": "int8", "quantization": result.to_json()}
+    return scored.accuracy() | {"runtime": "openvino", "dtype": "int8", "quantization": result.to_json()}
 
 
 def _judge(variants: dict[str, dict[str, Any]], max_drop: float) -> None:
     """Each variant's mAP50-95 drop against torch fp32; more than `max_drop` is rejected."""
-    reference = variants["torch-fp32"]["mAP50-95"]
+    reference = variants["torch-fp32"][MAP50_95]
     for variant in variants.values():
-        variant["map_drop"] = round(reference - variant["mAP50-95"], 5)
+        variant["map_drop"] = round(reference - variant[MAP50_95], 5)
         variant["status"] = "rejected" if variant["map_drop"] > max_drop else "ok"
 
 
@@ -119,8 +118,8 @@ def flat_metrics(variants: dict[str, dict[str, Any]], size: dict[str, float]) ->
     """Flat numeric metrics per variant (status as accepted = 1 / rejected = 0; layers NNCF kept float)."""
     metrics: dict[str, float] = {"params": size["params"], "gflops": round(size["gflops"], 4)}
     for name, v in variants.items():
-        metrics |= {f"{name}/mAP50-95": v["mAP50-95"], f"{name}/mAP50": v["mAP50"], f"{name}/map_drop": v["map_drop"],
-                    f"{name}/accepted": int(v["status"] == "ok")}
+        metrics |= {scoped(name, MAP50_95): v[MAP50_95], scoped(name, MAP50): v[MAP50],
+                    f"{name}/map_drop": v["map_drop"], f"{name}/accepted": int(v["status"] == "ok")}
         if "size_mb" in v:
             metrics[f"{name}/size_mb"] = v["size_mb"]
         if "reverted_layers" in v.get("quantization", {}):

@@ -26,13 +26,14 @@ from yolofps.data import formats
 from yolofps.errors import ConfigError, YolofpsError
 from yolofps.fileio import write_json
 from yolofps.lineage import dvc_input_hashes, lineage_tags
+from yolofps.metric_names import MAP50, MAP50_95
 from yolofps.paths import Paths
 from yolofps.registry import promote, register_model
 from yolofps.stages import StageResult
 
 CODE_FILE = Path(yolofps.__file__).parent / "serving" / "mlflow_model.py"
 # benchmark figures: a rerun of the bench stage updates them on an already registered version of the same content
-BENCH_TAGS = ("fps_b1", "throughput", "map50_95", "map50", "speedup_b1", "speedup_vs_reference_b1", "bench_status",
+BENCH_TAGS = ("fps_b1", "throughput", MAP50_95, MAP50, "speedup_b1", "speedup_vs_reference_b1", "bench_status",
               "bench_device_name", "bench_environment")
 PIP_REQUIREMENTS = ["torch", "numpy", "pandas", "opencv-python-headless", "onnxruntime", "safetensors", "pyyaml",
                     "albumentations==2.0.8"]  # what the pyfunc imports (albumentations: the letterbox's module)
@@ -83,7 +84,7 @@ def version_tags(paths: Paths, cfg: Config, row: dict[str, Any], bench: dict[str
     tags |= dvc_input_hashes(paths.root, "bench")  # data and every model output the benchmark read
     tags |= {"variant": row["name"], "model": row["model"], "runtime": row["runtime"], "mode": row["mode"],
              "dtype": row["dtype"], "imgsz": str(row["imgsz"]), "device": row["device"],
-             "fps_b1": str(row["fps_b1"]), "map50_95": str(row["map50_95"]), "map50": str(row["map50"]),
+             "fps_b1": str(row["fps_b1"]), MAP50_95: str(row[MAP50_95]), MAP50: str(row[MAP50]),
              "throughput": json.dumps(row["throughput"]), "speedup_b1": str(row["speedup_b1"]),
              "speedup_vs_reference_b1": str(row.get("speedup_vs_reference_b1")), "threads": str(row.get("threads", 0)),
              "bench_status": row["status"], "size_mb": str(row["size_mb"]),
@@ -113,7 +114,7 @@ def run(cfg: Config, paths: Paths = Paths()) -> StageResult:
                  "code_paths": [str(CODE_FILE.parents[1])], "pip_requirements": pip_requirements(row["runtime"]),
                  "input_example": pd.DataFrame({"image": [str(p) for p in example]})}
     tags = version_tags(paths, cfg, row, bench)
-    numbers = {"fps_b1": row["fps_b1"], "map50_95": row["map50_95"], "map50": row["map50"]}
+    numbers = {"fps_b1": row["fps_b1"], MAP50_95: row[MAP50_95], MAP50: row[MAP50]}
     registration = register_model(
         cfg.mlflow, r.model_name, content_hash=content_hash(artifact, row), log_model=log_model, version_tags=tags,
         run_tags=tags, run_metrics={k: float(v) for k, v in numbers.items() if v is not None},
@@ -132,7 +133,7 @@ def run(cfg: Config, paths: Paths = Paths()) -> StageResult:
     write_json(receipt_path(paths), receipt)
     metrics = {"version": registration.version, "reused": int(registration.reused),
                "promoted": int(receipt["promoted"]),
-               "fps_b1": row["fps_b1"], "map50_95": row["map50_95"]}
+               "fps_b1": row["fps_b1"], MAP50_95: row[MAP50_95]}
     write_json(paths.metrics("register"), metrics)
     return StageResult(outputs={"receipt": receipt_path(paths), "metrics": paths.metrics("register")}, metrics=metrics)
 
