@@ -53,6 +53,7 @@ def make_project(root: Path) -> Path:
     for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
         shutil.copy(PROJECT_ROOT / name, root / name)
     shutil.copytree(PROJECT_ROOT / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    shutil.copytree(PROJECT_ROOT / "weights", root / "weights", ignore=shutil.ignore_patterns("*.pt"))  # a train dep
     run_cmd(["git", "init", "-q"], root)
     run_cmd([sys.executable, "-m", "dvc", "init", "-q"], root)
     run_cmd([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], root)

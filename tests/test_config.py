@@ -99,7 +99,9 @@ def test_malformed_yaml_names_file_line_and_column(tmp_path):
 
 @pytest.mark.parametrize("override, key", [
     ("train.epochs=-1", "train.epochs"),
-    ("train.epochs=0", "train.epochs"),
+    ("train.epochs=0", "train.epochs"),  # 0 only with train.weights
+    ("train.weights=/tmp/yolov5s.pt", "train.weights"),  # outside weights/: DVC would not see it change
+    ("train.weights=weights/../yolov5s.pt", "train.weights"),
     ("train.imgsz=100", "train.imgsz"),
     ("train.imgsz=0", "train.imgsz"),
     ("train.batch=0", "train.batch"),

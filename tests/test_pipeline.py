@@ -68,6 +68,34 @@ def test_dvc_repro_runs_every_stage_then_nothing(project):
     assert "Running stage 'augment'" in rerun and "Running stage 'data'" not in rerun
 
 
+def test_dvc_repro_optimizes_an_imported_official_checkpoint(project):
+    """Bring your own yolov5: `train.weights` + `train.epochs: 0` runs data .. register on the imported model."""
+    import hashlib
+    import shutil
+
+    import mlflow
+
+    from tasks.dvc import apply_overrides
+
+    checkpoint = PROJECT_ROOT / "tests" / "fixtures" / "yolov5" / "shapes_nc4.pt"  # upstream-made, the demo's classes
+    shutil.copy(checkpoint, project / "weights" / "yolov5-shapes.pt")
+    uri = f"sqlite:///{project / 'mlflow.db'}"
+    apply_overrides(project / "params.yaml", {"train.weights": "weights/yolov5-shapes.pt", "train.epochs": 0,
+                                              "mlflow.tracking_uri": uri})
+    out = dvc(project, "repro").stdout
+    assert all(f"Running stage '{name}'" in out for name in STAGE_ORDER)
+    assert "train.epochs is 0: evaluated weights/yolov5-shapes.pt as it is" in out
+    train = json.loads((project / "metrics" / "train.json").read_text())
+    assert train["epochs_run"] == 0 and train["stopped"] == "not_trained" and 0 <= train["metrics/mAP50-95B"] <= 1
+    meta = json.loads((project / "models" / "train" / "best" / "meta.json").read_text())
+    sha256 = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+    assert meta["start_weights_sha256"] == sha256 and meta["names"] == ["ellipse", "rectangle", "triangle", "cross"]
+    receipt = json.loads((project / "reports" / "registered_model.json").read_text())
+    version = mlflow.MlflowClient(uri).get_model_version(receipt["model_name"], receipt["version"])
+    assert version.tags["start_weights_sha256"] == sha256 and version.tags["start_weights"] == "weights/yolov5-shapes.pt"
+    assert_up_to_date(project)
+
+
 def test_flow_surfaces_the_stage_error(project, prefect_harness):
     from flows.pipeline import pipeline
     from yolofps.errors import ConfigError

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 
 import pytest
@@ -10,6 +11,7 @@ import pytest
 from helpers import PROJECT_ROOT, TINY_PARAMS
 from yolofps.config import load_config
 from yolofps.engine import checkpoint, job
+from yolofps.errors import ConfigError
 from yolofps.lineage import PARENT_RUN_ENV, PIPELINE_RUN_ENV
 from yolofps.paths import Paths
 from yolofps.stages import augment, data, train
@@ -79,3 +81,31 @@ def test_rerun_after_a_finished_run_starts_over_and_forced_resume_continues(trai
     assert job.resume_state(paths.checkpoints("train"), "other-hash", force=False) is None
     state = job.resume_state(paths.checkpoints("train"), "other-hash", force=True)
     assert state["fit"]["epoch"] == cfg.train.epochs
+
+
+FIXTURE = PROJECT_ROOT / "tests" / "fixtures" / "yolov5" / "tiny_pkg.pt"  # upstream-made, 3 classes
+
+
+def test_official_weights_with_other_classes_keep_backbone_and_neck(trained, tmp_path):
+    """train.weights with 3 classes on the 4-class data: everything but the Detect convs comes from the checkpoint."""
+    import shutil
+
+    import torch
+
+    from yolofps.model.upstream import import_checkpoint
+
+    cfg, paths, _ = trained
+    (tmp_path / "weights").mkdir()
+    shutil.copy(FIXTURE, tmp_path / "weights" / "tiny.pt")
+    weights = dataclasses.replace(cfg.train, weights="weights/tiny.pt")
+    with pytest.warns(UserWarning, match="3 classes, the data set 4: backbone and neck kept"):
+        model, start = train.initial_model(Paths(tmp_path), weights, ("a", "b", "c", "d"))
+    official = import_checkpoint(FIXTURE).model.state_dict()
+    assert model.spec.num_classes == 4 and start["detect_reinitialized"] and len(start["start_weights_sha256"]) == 64
+    ours = model.state_dict()
+    assert all(torch.equal(ours[k], v) for k, v in official.items() if not k.startswith("model.24.m."))
+    assert ours["model.24.m.0.weight"].shape[0] == 3 * (5 + 4)
+    with pytest.raises(ConfigError, match="train.epochs: 0 keeps the model as it is"):
+        train.initial_model(Paths(tmp_path), dataclasses.replace(weights, epochs=0), ("a", "b", "c", "d"))
+    with pytest.raises(ConfigError, match="does not exist"):
+        train.initial_model(Paths(tmp_path), dataclasses.replace(weights, weights="weights/none.pt"), ("a",))

@@ -60,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     promote.add_argument("--reason", default="", help="why (recorded in the promotion history)")
     promote.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     promote.set_defaults(handler=_promote)
+    imp = commands.add_parser("import", help="import an official yolov5 .pt (never unpickling code) as a model folder",
+                              description="Read an ultralytics/yolov5 v6.0-v7.0 detection checkpoint without "
+                              "running any of its pickled code and write it as a yolofps model folder (arch.json + "
+                              "weights.safetensors + meta.json), usable as train.weights.")
+    imp.add_argument("path", help="the yolov5 checkpoint, e.g. yolov5s.pt")
+    imp.add_argument("--out", required=True, help="model folder to write")
+    imp.set_defaults(handler=_import)
     ui = commands.add_parser("ui", help="start the MLflow UI on 127.0.0.1 over the project's store",
                              description="Start `mlflow ui` bound to 127.0.0.1 over mlflow.tracking_uri.")
     ui.add_argument("--port", type=int, default=5000)
@@ -84,6 +91,23 @@ def _promote(args: argparse.Namespace) -> int:
                      reason=args.reason, user=getpass.getuser(), retries=r.retries, backoff_s=r.backoff_s)
     print(result.table())
     return 0 if result.moved or args.dry_run or result.champion == result.candidate else 1
+
+
+def _import(args: argparse.Namespace) -> int:
+    from yolofps.engine.checkpoint import import_to_folder
+    from yolofps.model.yolo import model_info
+
+    folder, imported = import_to_folder(args.path, args.out)
+    spec, source = imported.model.spec, imported.source
+    size = model_info(imported.model, 640)
+    c3 = [layer.repeats for layer in spec.layers if layer.kind == "C3"]
+    print(f"imported {source['file']} ({source['upstream_class']}, {source['dtype']}, weights from "
+          f"'{source['weights_from']}', epoch {source['epoch']}, sha256 {source['sha256'][:12]}) -> {folder}")
+    print(f"  spec: {spec.name}, {spec.activation}, widths {[layer.out_channels for layer in spec.layers[:10]]} "
+          f"(backbone), C3 repeats {c3}, strides {list(spec.strides)}, anchors {[list(a) for a in spec.anchors]}")
+    print(f"  parameters: {size['params']:,} ({size['gflops']:.2f} GFLOPs at 640)")
+    print(f"  classes ({spec.num_classes}): {', '.join(imported.names)}")
+    return 0
 
 
 def _ui(args: argparse.Namespace) -> int:

@@ -21,6 +21,12 @@ class Paths:
         return self.root / "params.yaml"
 
     @property
+    def weights(self) -> Path:
+        """Models brought in (official yolov5 `.pt` files, yolofps model folders): `train.weights` lives here, and
+        the DVC train stage depends on the folder, so a new or changed file reruns training."""
+        return self.root / "weights"
+
+    @property
     def prepared_data(self) -> Path:
         """`data` stage output: the normalized data set in YOLO layout."""
         return self.root / "data" / "prepared"

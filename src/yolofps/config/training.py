@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from yolofps.config.common import TransformSpec, _check
@@ -64,7 +65,10 @@ class TrainConfig:
     """`train` section: model preset, schedule and hyperparameters (defaults from YOLOv5 hyp.scratch-low)."""
 
     model: Literal["n", "s", "m", "l", "x", "tiny"] = "n"
-    epochs: int = 30
+    # start from these weights instead of `model` from scratch: an official yolov5 .pt (imported safely) or a
+    # yolofps model folder, under weights/ (the folder the DVC train stage depends on); "" = from scratch
+    weights: str = ""
+    epochs: int = 30  # 0 (with weights): evaluate the imported model as the baseline, untrained
     imgsz: int = 320  # fixed square input (static shapes: XLA compiles once), multiple of 32
     batch: int = 16
     workers: int = 2  # data loader processes
@@ -115,7 +119,12 @@ class TrainConfig:
     sample_images: int = 16  # val images drawn with predictions
 
     def __post_init__(self) -> None:
-        _check(self.epochs >= 1, "train.epochs must be >= 1")
+        _check(self.epochs >= 1 or (self.epochs == 0 and bool(self.weights)),
+               "train.epochs must be >= 1 (0 only with train.weights: the imported model is the baseline as it is)")
+        parts = Path(self.weights).parts
+        _check(not self.weights or (len(parts) > 1 and parts[0] == "weights" and ".." not in parts),
+               f"train.weights must be a path under weights/ (the folder the DVC train stage depends on, so a new "
+               f"file reruns training), e.g. weights/yolov5s.pt; got {self.weights!r}")
         _check(self.imgsz >= 32 and self.imgsz % 32 == 0, "train.imgsz must be a positive multiple of 32")
         _check(self.batch >= 1, "train.batch must be >= 1")
         _check(self.workers >= 0, "train.workers must be >= 0")

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from yolofps.errors import YolofpsError
 from yolofps.model.spec import ArchSpec
+from yolofps.model.upstream import ImportedCheckpoint, import_checkpoint
 from yolofps.model.yolo import YOLOv5, build_model
 
 ARCH, WEIGHTS, META, STATE = "arch.json", "weights.safetensors", "meta.json", "train_state.pt"
@@ -103,6 +104,27 @@ def load_model(folder: str | Path, *, hint: str = HINT) -> tuple[YOLOv5, dict[st
     except (OSError, SafetensorError, RuntimeError, ValueError) as err:
         raise CheckpointError(f"{folder / WEIGHTS}: weights do not load ({str(err)[:200]}); {hint}") from None
     return model, meta
+
+
+def load_weights(path: str | Path) -> tuple[YOLOv5, dict[str, Any]]:
+    """A model from a yolofps model folder or an official yolov5 `.pt` (imported safely, `model.upstream`)."""
+    path = Path(path)
+    if path.is_dir():
+        return load_model(path)
+    imported = import_checkpoint(path)
+    return imported.model, imported_meta(imported)
+
+
+def imported_meta(imported: ImportedCheckpoint) -> dict[str, Any]:
+    """meta.json of an imported checkpoint: its class names, the image size it was trained at, where it came from."""
+    return {"job": "import", "model": imported.model.spec.name, "names": imported.names,
+            "imgsz": imported.source.get("imgsz") or 640, "imported": imported.source}
+
+
+def import_to_folder(path: str | Path, folder: str | Path) -> tuple[Path, ImportedCheckpoint]:
+    """`yolofps import`: an official yolov5 `.pt` written as a yolofps model folder (arch + safetensors + meta)."""
+    imported = import_checkpoint(path)
+    return save_model(folder, imported.model, imported_meta(imported)), imported
 
 
 def load_state(folder: str | Path, *, hint: str = HINT) -> dict[str, Any] | None:

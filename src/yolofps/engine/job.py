@@ -114,6 +114,23 @@ def run_job(cfg: Config, train: TrainConfig, data: Data, model: YOLOv5, objectiv
     return JobResult(best_model, state, result, predictions)
 
 
+def evaluate_as_baseline(model: YOLOv5, data: Data, info: dev.DeviceInfo, train: TrainConfig, *, checkpoints: Path,
+                         history_csv: Path, meta: dict[str, Any]) -> JobResult:
+    """`train.epochs: 0`: the model as it is, evaluated and saved where a training job leaves its best and last."""
+    model = dev.prepare_model(model, info).eval()
+    result, predictions = evaluate(model, data, info, train)
+    record = {"epoch": 0} | result.metrics()
+    for name in ("best", "last"):
+        checkpoint.save_model(checkpoints / name, model.cpu(), meta | {"epoch": 0, "metrics": record,
+                                                                        "finished": True})
+    write_history(history_csv, [record])
+    print(f"{meta.get('job', 'train')}: train.epochs is 0: evaluated {meta.get('start_weights')} as it is: "
+          + "  ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in result.metrics().items()), flush=True)
+    state = FitState(best_fitness=fitness(result.metrics()), best_epoch=-1, stopped="not_trained",
+                     history=[record])
+    return JobResult(dev.prepare_model(model, info).eval(), state, result, predictions)
+
+
 def resume_state(checkpoints: Path, section_hash: str, *, force: bool, verbose: bool = True) -> dict[str, Any] | None:
     """Resume when forced, or when the last run with the same params stopped before its last epoch."""
     checkpoint.recover(checkpoints / "best")  # undo a kill between the two renames of a save

@@ -12,7 +12,7 @@ from yolofps.model.blocks import C3, SPPF, Concat, Conv
 from yolofps.model.spec import ArchSpec, LayerSpec
 
 # yolov5s.yaml "from" column where it is not simply the previous layer
-_SOURCES: dict[int, tuple[int, ...]] = {12: (-1, 6), 16: (-1, 4), 19: (-1, 14), 22: (-1, 10), 24: (17, 20, 23)}
+SOURCES: dict[int, tuple[int, ...]] = {12: (-1, 6), 16: (-1, 4), 19: (-1, 14), 22: (-1, 10), 24: (17, 20, 23)}
 # (kernel, stride, padding) of each plain Conv; None padding means k // 2
 _CONV_GEOMETRY: dict[int, tuple[int, int, int | None]] = {
     0: (6, 2, 2), 1: (3, 2, None), 3: (3, 2, None), 5: (3, 2, None), 7: (3, 2, None),
@@ -86,14 +86,14 @@ class YOLOv5(nn.Module):
         layers: list[nn.Module] = []
         widths: list[int] = []  # output channels of each layer, to size the next one
         for i, layer in enumerate(spec.layers):
-            in_channels = [widths[s] for s in _SOURCES.get(i, (-1,))] if widths else [3]  # RGB in
+            in_channels = [widths[s] for s in SOURCES.get(i, (-1,))] if widths else [3]  # RGB in
             layers.append(_build_layer(i, layer, in_channels[0], spec.activation))
             widths.append(sum(in_channels) if layer.kind in ("Upsample", "Concat") else layer.out_channels)
         anchors = torch.tensor(spec.anchors).view(len(spec.strides), spec.num_anchors, 2)
-        detect_in = [widths[s] for s in _SOURCES[24]]
+        detect_in = [widths[s] for s in SOURCES[24]]
         layers.append(Detect(spec.num_classes, anchors, torch.tensor(spec.strides), detect_in))
         self.model = nn.ModuleList(layers)
-        self._saved = {s for sources in _SOURCES.values() for s in sources if s != -1}
+        self._saved = {s for sources in SOURCES.values() for s in sources if s != -1}
         self.detect.initialize_biases()
 
     @property
@@ -104,7 +104,7 @@ class YOLOv5(nn.Module):
     def forward(self, x: torch.Tensor) -> list[torch.Tensor] | torch.Tensor:
         outputs: list[torch.Tensor | None] = []  # only the layers later routed from are kept
         for i, layer in enumerate(self.model):
-            sources = _SOURCES.get(i)
+            sources = SOURCES.get(i)
             inputs = x if sources is None else [x if s == -1 else outputs[s] for s in sources]
             x = layer(inputs)
             outputs.append(x if i in self._saved else None)

@@ -1,7 +1,8 @@
 """`train` stage: the YOLOv5 baseline (teacher) that every later stage optimizes and is measured against.
 
-Reads `data/augmented/`, trains `train.model` from scratch with the one training loop, evaluates with
-the COCO protocol after every epoch, and writes:
+Reads `data/augmented/`, trains `train.model` from scratch (or from `train.weights`: an official yolov5 `.pt`,
+imported without unpickling code, or a yolofps model folder) with the one training loop, evaluates with the COCO
+protocol after every epoch, and writes:
   models/train/{best,last}/   arch.json + weights.safetensors + meta.json
   checkpoints/train/last/     the same plus train_state.pt (persisted by DVC, so a rerun resumes)
   metrics/train.json          metrics/mAP50B, metrics/mAP50-95B, metrics/precisionB, metrics/recallB, ...
@@ -9,15 +10,21 @@ the COCO protocol after every epoch, and writes:
   plots/train/                PR curve, confusion matrix, val images with predictions
 and tracks the run in MLflow (params, per-epoch metrics, system metrics, artifacts).
 
+With `train.epochs: 0` and `train.weights`, the imported model is evaluated and published as the baseline untrained,
+so prune, distill, quantize, bench and register run on the user's own model.
+
 With `train.nproc_per_node * train.nnodes > 1` the stage relaunches itself through torchrun, one process per
 device; rank 0 alone writes the files above and the one MLflow run. On `device: xla` it uses torch_xla.launch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import tempfile
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,18 +32,18 @@ import cv2
 import yaml
 
 from yolofps import device as dev
-from yolofps.config import Config, to_dict
+from yolofps.config import Config, TrainConfig, to_dict
 from yolofps.engine import checkpoint, job, plots
 from yolofps.engine.evaluate import EvalResult, confusion_matrix
 from yolofps.engine.predict import Predictions, fitness
-from yolofps.fileio import fresh_dir, write_json
+from yolofps.fileio import content_sha256, fresh_dir, write_json
 from yolofps.lineage import lineage_tags
 from yolofps.model.loss import YOLOv5Loss
 from yolofps.model.spec import ArchSpec, preset
-from yolofps.model.yolo import build_model, model_info
+from yolofps.model.yolo import YOLOv5, build_model, model_info
 from yolofps.paths import Paths
 from yolofps.registry import TrackingRun
-from yolofps.errors import YolofpsError
+from yolofps.errors import ConfigError, YolofpsError
 from yolofps.stages import StageResult
 
 
@@ -115,9 +122,9 @@ def _train(cfg: Config, paths: Paths, info: dev.DeviceInfo) -> StageResult:
     train = cfg.train
     dev.seed_everything(cfg.seed)
     data = job.load_data(cfg, paths, train)
-    model = build_model(preset(train.model, num_classes=len(data.names)))
+    model, start = initial_model(paths, train, data.names)
     meta = {"job": "train", "names": list(data.names), "imgsz": train.imgsz, "model": train.model,
-            "params_hash": job.job_hash(cfg, train)}
+            "params_hash": job.job_hash(cfg, train, start.get("start_weights_sha256"))} | start
     objective = DetectionObjective(detection_loss(model.spec, cfg))
     if not info.is_main:  # no MLflow run, no files: rank 0 writes them
         job.run_job(cfg, train, data, model, objective, info=info, checkpoints=paths.checkpoints("train"),
@@ -125,10 +132,15 @@ def _train(cfg: Config, paths: Paths, info: dev.DeviceInfo) -> StageResult:
         return StageResult(outputs={}, metrics={})
     tags = lineage_tags(paths.root, "train", to_dict(train)) | {"model": train.model, "device": info.name,
                                                                  "world_size": str(info.world_size)}
+    tags |= {k: str(v) for k, v in start.items() if k in ("start_weights", "start_weights_sha256")}
     with TrackingRun(cfg.mlflow, run_name=f"train-{train.model}", params=to_dict(cfg), tags=tags) as tracking:
-        out = job.run_job(cfg, train, data, model, objective, info=info,
-                          checkpoints=paths.checkpoints("train"), history_csv=paths.plots / "train.csv",
-                          tracking=tracking, meta=meta, force_resume=train.resume)
+        if train.epochs == 0:
+            out = job.evaluate_as_baseline(model, data, info, train, checkpoints=paths.checkpoints("train"),
+                                           history_csv=paths.plots / "train.csv", meta=meta)
+        else:
+            out = job.run_job(cfg, train, data, model, objective, info=info,
+                              checkpoints=paths.checkpoints("train"), history_csv=paths.plots / "train.csv",
+                              tracking=tracking, meta=meta, force_resume=train.resume)
         metrics = summary_metrics(out, train.imgsz)
         publish(paths.checkpoints("train"), paths.models("train"), meta | {"metrics": metrics})
         write_json(paths.metrics("train"), metrics)
@@ -141,13 +153,42 @@ def _train(cfg: Config, paths: Paths, info: dev.DeviceInfo) -> StageResult:
     return _result(paths, metrics)
 
 
+def initial_model(paths: Paths, train: TrainConfig, names: Sequence[str]) -> tuple[YOLOv5, dict[str, Any]]:
+    """`train.model` from scratch, or the model in `train.weights` with what to record about it.
+
+    Same class count: fine-tuned as it is. Another class count: backbone and neck kept, the Detect convs
+    re-initialized for the data's classes (one warning). The data set's class names are the model's from here on.
+    """
+    if not train.weights:
+        return build_model(preset(train.model, num_classes=len(names))), {}
+    path = paths.root / train.weights
+    if not path.exists():
+        raise ConfigError(f"train.weights: {train.weights} does not exist (put the checkpoint under "
+                          f"{paths.weights}/ or run `yolofps import`)")
+    model, meta = checkpoint.load_weights(path)
+    start = {"start_weights": train.weights, "start_weights_sha256": content_sha256(path),
+             "start_weights_names": list(meta.get("names", []))}
+    if model.spec.num_classes == len(names):
+        return model, start
+    if train.epochs == 0:
+        raise ConfigError(f"train.weights: {train.weights} predicts {model.spec.num_classes} classes, the data set "
+                          f"has {len(names)}; train.epochs: 0 keeps the model as it is, so they must match "
+                          "(set train.epochs >= 1 to re-initialize its Detect head and fine-tune)")
+    fresh = build_model(dataclasses.replace(model.spec, num_classes=len(names)))
+    kept = {k: v for k, v in model.state_dict().items() if not k.startswith("model.24.m.")}
+    fresh.load_state_dict(kept, strict=False)
+    warnings.warn(f"train.weights: {train.weights} has {model.spec.num_classes} classes, the data set "
+                  f"{len(names)}: backbone and neck kept, the Detect convs re-initialized", stacklevel=2)
+    return fresh, start | {"detect_reinitialized": True}
+
+
 def summary_metrics(out: job.JobResult, imgsz: int) -> dict[str, Any]:
     """Flat metrics of a finished job: the four ultralytics keys, size, speed and per-class AP."""
     size = model_info(out.model.cpu(), imgsz)
     metrics = out.result.metrics() | {
         "best_epoch": out.state.best_epoch + 1, "epochs_run": out.state.epoch, "params": size["params"],
         "gflops": round(size["gflops"], 3), "fitness": round(fitness(out.result.metrics()), 5),
-        "images_per_s": round(out.state.history[-1]["images_per_s"], 2),
+        "images_per_s": round(out.state.history[-1].get("images_per_s", 0.0), 2),
         "stopped": out.state.stopped or "completed",  # completed | early_stop | time_limit
     }
     return metrics | {f"ap50_95/{name}": round(ap, 5) for name, ap in out.result.per_class_ap.items()}

@@ -1,0 +1,98 @@
+"""mAP of an upstream-trained yolov5 checkpoint: upstream's val.py against yolofps's evaluation of the imported model.
+
+    python benchmarks/upstream_map.py --weights best.pt --upstream-python /work/venvs/yolov5/bin/python \
+        [--data data/augmented/data.yaml] [--imgsz 320]
+
+Upstream runs in its own venv (the `yolov5` PyPI package, 7.0.x; never a yolofps dependency): `python -m
+yolov5.val` on the data set's val split at conf 0.001, IoU 0.6; its printed `all` row is parsed. yolofps imports the
+same file (`model.upstream`, no pickled code runs) and evaluates it with the pipeline's own COCO evaluation
+(faster-coco-eval) on the same images at the same settings. Target (issue 16): mAP50-95 within 0.02.
+
+Why they may differ: upstream's val letterboxes rectangular batches (`rect=True`, pad 0.5) where yolofps uses one
+square letterbox per image, and upstream interpolates AP with `np.interp` + `trapz` over 101 recall points where
+COCO takes the precision envelope at 101 recall thresholds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from yolofps import device as dev
+from yolofps.bench.environment import write_result
+from yolofps.data.dataset import LoaderSpec, YoloDataset, build_loader
+from yolofps.engine.predict import evaluate_model
+from yolofps.model.upstream import import_checkpoint
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# the `all` row of upstream's table: Class Images Instances P R mAP50 mAP50-95
+ALL_ROW = re.compile(r"^\s*all\s+(\d+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s*$", re.MULTILINE)
+
+
+def upstream_val(python: str, weights: Path, data_yaml: Path, imgsz: int) -> dict:
+    """Run upstream's val.py in its venv on an absolute-path copy of the data.yaml; its `all` row as numbers."""
+    spec = yaml.safe_load(data_yaml.read_text())
+    spec["path"] = str((data_yaml.parent / spec.get("path", ".")).resolve())  # upstream resolves against its root
+    with tempfile.TemporaryDirectory(prefix="yolofps-upstream-") as folder:
+        absolute = Path(folder) / "data.yaml"
+        absolute.write_text(yaml.safe_dump(spec))
+        command = [python, "-m", "yolov5.val", "--weights", str(weights), "--data", str(absolute), "--img",
+                   str(imgsz), "--batch", "16", "--conf", "0.001", "--iou", "0.6", "--task", "val", "--device", "cpu",
+                   "--project", folder, "--name", "val"]
+        env = os.environ | {"YOLO_OFFLINE": "1", "WANDB_MODE": "disabled", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}
+        done = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    printed = done.stdout + done.stderr
+    match = ALL_ROW.search(printed)
+    if done.returncode or not match:
+        raise SystemExit(f"upstream val.py failed (exit {done.returncode}):\n{printed[-3000:]}")
+    images, instances, p, r, map50, map50_95 = match.groups()
+    return {"command": " ".join(command[1:]), "images": int(images), "instances": int(instances),
+            "metrics/precisionB": float(p), "metrics/recallB": float(r), "metrics/mAP50B": float(map50),
+            "metrics/mAP50-95B": float(map50_95), "table": printed[match.start() - 200: match.end()].strip()}
+
+
+def yolofps_val(weights: Path, data_yaml: Path, imgsz: int) -> dict:
+    """The imported model through yolofps's evaluation (square letterbox, faster-coco-eval), ultralytics settings."""
+    imported = import_checkpoint(weights)
+    dataset = YoloDataset(data_yaml, "val", LoaderSpec(image_size=imgsz), train=False)
+    info = dev.resolve("cpu", amp=False)
+    result, _ = evaluate_model(imported.model, build_loader(dataset, 16, shuffle=False, workers=0), info,
+                               dataset.names, conf=0.001, iou=0.6, max_det=300)
+    return {"images": result.num_images, "instances": result.num_gt, **{k: round(v, 5) for k, v in
+                                                                        result.metrics().items()},
+            "imported": {k: imported.source[k] for k in ("upstream_class", "weights_from", "epoch", "dtype")}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--weights", required=True, type=Path, help="a checkpoint upstream's train.py wrote")
+    parser.add_argument("--upstream-python", required=True, help="python of a venv with the yolov5 package")
+    parser.add_argument("--data", type=Path, default=PROJECT_ROOT / "data" / "augmented" / "data.yaml")
+    parser.add_argument("--imgsz", type=int, default=320)
+    parser.add_argument("--out", default=str(PROJECT_ROOT / "benchmarks" / "results" / "upstream_map.json"))
+    args = parser.parse_args(argv)
+    theirs = upstream_val(args.upstream_python, args.weights, args.data, args.imgsz)
+    ours = yolofps_val(args.weights, args.data, args.imgsz)
+    difference = round(ours["metrics/mAP50-95B"] - theirs["metrics/mAP50-95B"], 5)
+    print(theirs["table"])
+    for name, row in (("upstream val.py", theirs), ("yolofps (imported)", ours)):
+        print(f"{name:<20} images {row['images']:>4}  instances {row['instances']:>5}  "
+              + "  ".join(f"{k.split('/')[1]} {row[k]:.4f}" for k in ("metrics/precisionB", "metrics/recallB",
+                                                                     "metrics/mAP50B", "metrics/mAP50-95B")))
+    print(f"mAP50-95 yolofps - upstream: {difference:+.4f} (target: within 0.02)")
+    settings = {"weights": str(args.weights), "data": str(args.data), "imgsz": args.imgsz, "conf": 0.001, "iou": 0.6,
+                "max_det": 300}
+    write_result(args.out, "upstream_map", settings, [{"row": "upstream"} | theirs, {"row": "yolofps"} | ours],
+                 map50_95_difference=difference)
+    return 0 if abs(difference) <= 0.02 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
