@@ -73,8 +73,12 @@ def evaluate_variant(pipeline: Pipeline, data: Data, train: TrainConfig) -> tupl
 
 
 def job_hash(cfg: Config, train: TrainConfig, extra: Any = None) -> str:
-    """What must match for an interrupted job to be resumed automatically."""
-    return params_hash({"seed": cfg.seed, "train": to_dict(train), "augment": to_dict(cfg.augment), "extra": extra})
+    """What must match for an interrupted job to be resumed automatically.
+
+    A starting checkpoint (`train.weights`) counts by its content, passed in `extra` by the train stage, not by its
+    path: the same file under another name resumes, another file at the same name does not."""
+    settings = {k: v for k, v in to_dict(train).items() if k != "weights"}
+    return params_hash({"seed": cfg.seed, "train": settings, "augment": to_dict(cfg.augment), "extra": extra})
 
 
 def run_job(cfg: Config, train: TrainConfig, data: Data, model: YOLOv5, objective: Objective, *,
