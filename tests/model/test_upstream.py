@@ -117,20 +117,30 @@ def test_damaged_files_are_named_errors(tmp_path):
     assert zipfile.is_zipfile(no_model)
 
 
-def test_a_checkpoint_of_admitted_names_but_wrong_shape_is_a_named_error(tmp_path, monkeypatch):
-    """Only yolov5 class names in the pickle (so it is admitted), but nothing a model holds: a named error."""
+def _class_named(monkeypatch, module_name: str, name: str) -> type:
+    """A plain class that pickles as `module_name.name` (a stand-in module registered for the test's duration)."""
     import sys
     import types
 
-    module = types.ModuleType("models.yolo")
+    cls = type(name, (), {"__module__": module_name})
+    parts = module_name.split(".")
+    for i in range(1, len(parts) + 1):
+        monkeypatch.setitem(sys.modules, ".".join(parts[:i]), types.ModuleType(".".join(parts[:i])))
+    setattr(sys.modules[module_name], name, cls)
+    return cls
 
-    class DetectionModel:
-        pass
 
-    DetectionModel.__module__, DetectionModel.__qualname__ = "models.yolo", "DetectionModel"
-    module.DetectionModel = DetectionModel
-    monkeypatch.setitem(sys.modules, "models", types.ModuleType("models"))
-    monkeypatch.setitem(sys.modules, "models.yolo", module)
+def test_an_ultralytics_package_model_is_refused_by_name(tmp_path, monkeypatch):
+    """Anchor-free yolov5*u / YOLOv8 checkpoints pickle `ultralytics.nn.tasks.*`: refused before unpickling."""
+    model = _class_named(monkeypatch, "ultralytics.nn.tasks", "DetectionModel")()
+    torch.save({"model": model, "train_args": {}}, tmp_path / "yolov5nu.pt")
+    with pytest.raises(UnsupportedArchitectureError, match="a model of the `ultralytics` package"):
+        import_checkpoint(tmp_path / "yolov5nu.pt")
+
+
+def test_a_checkpoint_of_admitted_names_but_wrong_shape_is_a_named_error(tmp_path, monkeypatch):
+    """Only yolov5 class names in the pickle (so it is admitted), but nothing a model holds: a named error."""
+    DetectionModel = _class_named(monkeypatch, "models.yolo", "DetectionModel")
     for state, message in (({"_modules": {"model": "not a module list"}}, "0 layers, not the 25"),
                            ({"_modules": ["not", "a", "dict"]}, "not a well-formed yolov5 model")):
         hostile = DetectionModel()
