@@ -47,18 +47,21 @@ def test_imported_model_predicts_what_upstream_predicted(name):
         np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-4 * np.abs(theirs).max())
 
 
-def test_after_nms_the_same_boxes_as_upstream():
-    """yolofps's NMS (the runtime's) on the imported model's predictions keeps upstream's boxes, same settings."""
+@pytest.mark.parametrize("multi_label", [False, True], ids=["deployed", "val.py multi-label"])
+def test_after_nms_the_same_boxes_as_upstream(multi_label):
+    """yolofps's NMS (the runtime's) on the imported model's predictions keeps upstream's boxes, same settings:
+    single-label as deployed, and multi-label as upstream's val.py (and yolofps's mAP evaluation) runs it."""
     imported = import_checkpoint(FIXTURES / "tiny_pkg.pt")
     nms = INFO["nms"]
-    deployment = Deployment(64, conf=nms["conf_thres"], iou=nms["iou_thres"], max_det=nms["max_det"])
+    deployment = Deployment(64, nms["conf_thres"], nms["iou_thres"], nms["max_det"], multi_label=multi_label)
+    key = "nms_multi_label" if multi_label else "nms"
     compared = 0
     for i in _images():
         image = GOLDEN[f"image_{i}"]
         height, width = image.shape[:2]
         ours = image_detections(_predict(imported.model, image), Letterboxed("", (height, width), 1.0, (0.0, 0.0)),
                                 deployment)
-        theirs = GOLDEN[f"nms_{i}"].copy()
+        theirs = GOLDEN[f"{key}_{i}"].copy()
         theirs[:, [0, 2]] = theirs[:, [0, 2]].clip(0, width)  # ours are clipped to the image, upstream's later
         theirs[:, [1, 3]] = theirs[:, [1, 3]].clip(0, height)
         assert len(ours) == len(theirs)

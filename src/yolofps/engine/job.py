@@ -68,7 +68,7 @@ def evaluate(model, data: Data, info: dev.DeviceInfo, train: TrainConfig) -> tup
 
 def evaluate_variant(pipeline: Pipeline, data: Data, train: TrainConfig) -> tuple[EvalResult, Predictions]:
     """COCO evaluation of any runtime pipeline (a bench row, a quantized model) at the train section's val settings."""
-    settings = Deployment(pipeline.deployment.imgsz, train.conf, train.iou, train.max_det)
+    settings = Deployment.evaluation(pipeline.deployment.imgsz, train.conf, train.iou, train.max_det)
     return evaluate_pipeline(pipeline.with_deployment(settings), data.val_loader, data.names)
 
 

@@ -31,6 +31,13 @@ class Deployment:
     conf: float = 0.25
     iou: float = 0.45
     max_det: int = 300
+    # evaluation only (ultralytics' val): keep a box once for every class whose score passes conf, not just its best
+    multi_label: bool = False
+
+    @classmethod
+    def evaluation(cls, imgsz: int, conf: float, iou: float, max_det: int) -> Deployment:
+        """The settings mAP is measured at: ultralytics val's multi-label NMS, so figures compare with val.py's."""
+        return cls(imgsz, conf, iou, max_det, multi_label=True)
 
 
 @dataclass(frozen=True)
@@ -78,14 +85,19 @@ def postprocess(predictions: torch.Tensor, metas: Sequence[Letterboxed], deploym
 
 
 def image_detections(pred: np.ndarray, meta: Letterboxed, deployment: Deployment) -> np.ndarray:
-    """One image's decoded [N, 5+nc] -> [k, 6] in its pixels: score = objectness x best class score above `conf`,
-    class-aware greedy NMS (OpenCV's NMSBoxesBatched), best `max_det` kept, mapped through the letterbox."""
+    """One image's decoded [N, 5+nc] -> [k, 6] in its pixels: score = objectness x best class score above `conf`
+    (every class score above it with `multi_label`), class-aware greedy NMS (OpenCV's NMSBoxesBatched), best
+    `max_det` kept, mapped through the letterbox."""
     pred = pred[pred[:, 4] > deployment.conf]  # objectness pre-filter, as yolov5's non_max_suppression
     class_scores = pred[:, 5:] * pred[:, 4:5]
-    labels = class_scores.argmax(1)
-    scores = class_scores[np.arange(len(pred)), labels]
-    keep = scores > deployment.conf
-    pred, scores, labels = pred[keep], scores[keep], labels[keep]
+    if deployment.multi_label:  # (box, class) pairs in row-major order, as upstream's nonzero()
+        rows, labels = np.nonzero(class_scores > deployment.conf)
+        pred, scores = pred[rows], class_scores[rows, labels]
+    else:
+        labels = class_scores.argmax(1)
+        scores = class_scores[np.arange(len(pred)), labels]
+        keep = scores > deployment.conf
+        pred, scores, labels = pred[keep], scores[keep], labels[keep]
     corner = pred[:, :2] - pred[:, 2:4] / 2  # OpenCV takes (x, y, w, h) with (x, y) the top-left corner
     kept = cv2.dnn.NMSBoxesBatched(np.concatenate((corner, pred[:, 2:4]), 1).astype(np.float64), scores, labels,
                                    deployment.conf, deployment.iou) if len(pred) else []

@@ -124,6 +124,9 @@ def candidates(pred: torch.Tensor, max_candidates: int) -> Candidates:
 
 def nms(found: Candidates, geometry: Geometry, deployment: Deployment) -> list[torch.Tensor]:
     """Class-aware NMS of the candidates, whole batch in one call -> per image [k, 6] in original pixels."""
+    if deployment.multi_label:
+        raise ValueError("the device post-process is the deployed single-label NMS; measure mAP (multi-label, "
+                         "ultralytics val's) through runtime.host")
     boxes, scores, labels, groups = found
     batch, k = scores.shape
     index = (scores > deployment.conf).flatten().nonzero().squeeze(1)  # one host sync (a mask per tensor: four)

@@ -92,7 +92,7 @@ def run(cfg: Config, paths: Paths = Paths()) -> StageResult:
 def openvino_int8(fp32: Path, folder: Path, calibration: list, data: job.Data, cfg: Config) -> dict[str, Any]:
     """NNCF INT8 of the ONNX model with accuracy control: mAP50-95 on the val loader may drop by max_map_drop."""
     q, train = cfg.quantize, cfg.train
-    evaluation = Deployment(data.val_loader.dataset.spec.image_size, train.conf, train.iou, train.max_det)
+    evaluation = Deployment.evaluation(data.val_loader.dataset.spec.image_size, train.conf, train.iou, train.max_det)
     cpu = dev.resolve("cpu", amp=False)
 
     def validate(backend, batches) -> float:
