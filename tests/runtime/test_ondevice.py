@@ -99,6 +99,9 @@ def test_top_k_keeps_the_best_boxes(model):
     for want, got in zip(host.postprocess(predictions, metas, deployment), capped, strict=True):
         assert 1 <= len(got) <= 5  # NMS of the five best-scored candidates
         np.testing.assert_allclose(got[0].numpy(), want[0], rtol=0, atol=1e-3)  # the best box survives any NMS
+    # mAP's multi-label NMS is the host's alone: the device path is the deployed single-label one
+    with pytest.raises(ValueError, match="single-label"):
+        ondevice.postprocess(predictions, geometry, Deployment.evaluation(IMGSZ, 0.001, 0.6, 300), max_candidates=5)
 
 
 @pytest.mark.parametrize("mode", ["eager", "trace"])
