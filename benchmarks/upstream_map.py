@@ -3,6 +3,13 @@
     python benchmarks/upstream_map.py --weights best.pt --upstream-python /work/venvs/yolov5/bin/python \
         [--data data/augmented/data.yaml] [--imgsz 320]
 
+The checkpoint behind benchmarks/results/upstream_map.json came from upstream's own training, in the venv that
+tests/fixtures/yolov5/make_golden.py describes, on a copy of data/augmented with an absolute-path data.yaml:
+
+    python -m yolov5.train --cfg yolov5n.yaml --weights '' --img 320 --batch 16 --epochs 40 --workers 0 \
+        --device cpu --optimizer AdamW --hyp hyp.adamw.yaml --data data.yaml --noplots
+    # hyp.adamw.yaml: upstream's hyp.scratch-low.yaml with lr0: 0.001 (25 min on 2 cores)
+
 Upstream runs in its own venv (the `yolov5` PyPI package, 7.0.x; never a yolofps dependency): `python -m
 yolov5.val` on the data set's val split at conf 0.001, IoU 0.6; its printed `all` row is parsed. yolofps imports the
 same file (`model.upstream`, no pickled code runs) and evaluates it with the pipeline's own COCO evaluation
