@@ -120,6 +120,9 @@ def test_malformed_yaml_names_file_line_and_column(tmp_path):
     ("mlflow.tracking_uri=", "mlflow.tracking_uri"),
     ("device=tpu", "device"),
     ("data.val_fraction=1", "data.val_fraction"),
+    ("train.lr0=.inf", "train.lr0"),  # non-finite numbers: refused at load, before a NaN loss trains for an hour
+    ("train.warmup_bias_lr=.nan", "train.warmup_bias_lr"),
+    ("prune.ratios=[.nan]", r"prune.ratios\[0\]"),
 ])
 def test_impossible_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -7,6 +7,7 @@ overrides use the syntax of `dvc exp run -S` (the value is parsed as YAML).
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -151,6 +152,8 @@ def _coerce(tp: Any, value: Any, source: str, key: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             fail("a number")
+        if not math.isfinite(value):  # .inf / .nan parse as floats and pass every `>= 0` check they meet
+            fail("a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
