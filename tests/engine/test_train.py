@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from yolofps.data import synthetic
 from yolofps.data.dataset import LoaderSpec, YoloDataset, build_loader
 from yolofps.engine.predict import evaluate_model, fitness
 from yolofps.config import TrainConfig
-from yolofps.engine.train import fit, lr_factor
+from yolofps.engine.train import TrainingDivergedError, fit, lr_factor
 from yolofps.model.loss import YOLOv5Loss
 from yolofps.model.spec import preset
 from yolofps.model.yolo import build_model
@@ -87,6 +88,19 @@ def test_resume_continues_at_the_right_epoch_and_lr(four_images):
         assert after["lr/pg0"] == pytest.approx(before["lr/pg0"])
         assert after["train/loss"] == pytest.approx(before["train/loss"], rel=1e-3, abs=1e-4)
     assert resumed.optimizer_steps == full.optimizer_steps
+
+
+def test_a_diverging_run_stops_with_a_named_error_and_keeps_the_last_good_epoch(four_images):
+    """lr0 1e6 with plain SGD blows the weights up after the first step: the loop stops at the first non-finite
+    epoch loss, before that epoch reaches on_epoch_end (which writes the checkpoints)."""
+    model, objective, make_loader, evaluate, loop = _setup(four_images, epochs=20)
+    loop = dataclasses.replace(loop, lr0=1e6, grad_clip=0.0)
+    saved = []
+    with pytest.raises(TrainingDivergedError, match="not finite; the last good checkpoint") as err:
+        fit(model, objective, make_loader, lambda m: {}, loop, CPU,
+            on_epoch_end=lambda m, state, end: saved.append(end.record), fitness=lambda m: 0.0)
+    assert saved and all(math.isfinite(r["train/loss"]) for r in saved)
+    assert f"epoch {len(saved) + 1}:" in str(err.value)
 
 
 def test_lr_schedule_decays_to_lrf():

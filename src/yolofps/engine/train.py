@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from yolofps import device as dev
 from yolofps.config import TrainConfig
+from yolofps.errors import YolofpsError
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]
 
@@ -52,6 +53,10 @@ def lr_factor(cfg: TrainConfig, epoch: int) -> float:
     if cfg.cos_lr:
         return ((1 - math.cos(epoch * math.pi / cfg.epochs)) / 2) * (cfg.lrf - 1) + 1
     return (1 - epoch / cfg.epochs) * (1.0 - cfg.lrf) + cfg.lrf
+
+
+class TrainingDivergedError(YolofpsError):
+    """The loss went non-finite: training stops before that epoch is saved, so the last checkpoint stays good."""
 
 
 @dataclass
@@ -177,6 +182,11 @@ def fit(model: nn.Module, objective: Objective, make_loader: Callable[[int, bool
         losses, seconds, images_seen, out_of_time = _train_epoch(
             step_model, model, objective, make_loader(epoch, mosaic), optimizer, scaler, ema, spec, info, state,
             epoch, deadline)
+        if not all(math.isfinite(v) for v in losses.values()):  # all-reduced: every rank stops here together
+            raise TrainingDivergedError(
+                f"training diverged in epoch {epoch + 1}: mean losses {losses} are not finite; the last good "
+                f"checkpoint (epoch {state.epoch}) is kept, nothing of this epoch is saved. Lower train.lr0 or "
+                "train.warmup_bias_lr, or keep train.grad_clip > 0")
         eval_model = ema.module if ema else model
         metrics = dev.broadcast_object(evaluate(eval_model) if info.is_main else None, info)
         record = {"epoch": epoch, **losses, "images_per_s": images_seen / max(seconds, 1e-9), **metrics,
