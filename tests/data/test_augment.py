@@ -54,6 +54,9 @@ def test_augmented_boxes_stay_valid(rows, seed, height):
     (TransformSpec("Affine", {"scael": 2}), "unknown argument"),
     (TransformSpec("Affine", {"scale": "big"}), "bad arguments"),
     (TransformSpec("GridDistortion", {}), None),  # supports boxes: fine
+    (TransformSpec("Normalize", {}), "turns a uint8 RGB image into float32"),  # issue 20: every JPEG came out black
+    (TransformSpec("ToFloat", {"p": 0.5}), "turns a uint8 RGB image into float32"),
+    (TransformSpec("ToGray", {"p": 0.1}), None),  # keeps 3 uint8 channels: fine
 ])
 def test_bad_transforms_are_config_errors(spec, match):
     if match is None:

@@ -58,10 +58,29 @@ def _build_transform(index: int, spec: TransformSpec) -> A.BasicTransform:
     if unknown:  # albumentations only warns about unknown arguments; a typo must not pass silently
         raise ConfigError(f"{where}: unknown argument(s) {unknown}; accepted: {sorted(accepted)}")
     try:
-        return cls(**spec.args)
+        transform = cls(**spec.args)
     except Exception as err:  # albumentations validates arguments with pydantic and raises its own types
         first_lines = " ".join(str(err).splitlines()[:3])
         raise ConfigError(f"{where}: bad arguments {spec.args}: {first_lines}") from None
+    _check_keeps_uint8(where, cls, spec)
+    return transform
+
+
+_PROBE = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+
+
+def _check_keeps_uint8(where: str, cls: type, spec: TransformSpec) -> None:
+    """The pipeline writes JPEGs and feeds the model uint8: a transform that changes the dtype or the channels
+    (Normalize, ToFloat, ...) would turn every augmented image black, so it is refused before any work."""
+    try:
+        always = cls(**(spec.args | {"p": 1.0}))  # fire it whatever its probability
+        out = always(image=_PROBE.copy())["image"]
+    except Exception:  # needs more than an image (extra targets): nothing to probe here, the stage will tell
+        return
+    if out.dtype != np.uint8 or out.shape[2:] != (3,):
+        raise ConfigError(f"{where}: turns a uint8 RGB image into {out.dtype} {list(out.shape)} (values "
+                          f"{float(out.min()):.3g}..{float(out.max()):.3g}); augmented images are written as "
+                          "uint8 JPEGs, so only transforms that keep uint8 RGB can be listed")
 
 
 def _supports_bboxes(cls: type) -> bool:
