@@ -120,3 +120,61 @@ def test_clean_rows_drops_non_finite():
     rows = validate.clean_rows([(0, float("nan"), 0.5, 0.1, 0.1), (0, 0.5, 0.5, 0.1, 0.1)], 1, 0.02, report, "f")
     assert rows.shape == (1, 5) and np.isfinite(rows).all()
     assert [i.fault for i in report.issues] == ["non_numeric"]
+
+
+def _small_set(root, images: dict[str, object]):
+    """A one-split YOLO set: `images` maps a file name under images/train to an array (written as that format
+    by PIL, whatever the suffix says) or to None for a FIFO; every image gets a one-box label."""
+    import os
+
+    from PIL import Image
+
+    (root / "images" / "train").mkdir(parents=True)
+    (root / "labels" / "train").mkdir(parents=True)
+    for name, content in images.items():
+        path = root / "images" / "train" / name
+        if content is None:
+            os.mkfifo(path)
+        else:
+            array, fmt = content
+            Image.fromarray(array).save(path, format=fmt)
+        (root / "labels" / "train" / (path.stem + ".txt")).write_text("0 0.5 0.5 0.4 0.4\n")
+    return root
+
+
+@pytest.mark.timeout(60)  # the bug was a hang: a FIFO blocked the reader forever
+def test_a_fifo_is_never_opened(tmp_path):
+    import os
+
+    rgb = np.full((32, 32, 3), 128, np.uint8)
+    root = _small_set(tmp_path / "set", {"good.jpg": (rgb, "JPEG"), "pipe.jpg": None})
+    (root / "list.txt").write_text("images/train/good.jpg\nimages/train/pipe.jpg\n")
+    (root / "data.yaml").write_text("path: .\ntrain: list.txt\nval: list.txt\nnames: [a]\n")
+    result = validate.validate_yolo(root / "data.yaml", clip_tolerance=0.02)
+    (issue,) = [i for i in result.report.issues if i.file.endswith("pipe.jpg")][:1]
+    assert issue.fault == "unreadable_image" and "not a regular file" in issue.detail
+    assert [s.image.name for s in result.splits["train"]] == ["good.jpg"]
+    os.mkfifo(root / "fifo.txt")  # the list itself a FIFO: a named error, not a hang
+    (root / "data.yaml").write_text("path: .\ntrain: fifo.txt\nval: list.txt\nnames: [a]\n")
+    with pytest.raises(DataSetError, match="must be a regular file"):
+        validate.validate_yolo(root / "data.yaml", clip_tolerance=0.02)
+
+
+def test_validation_decodes_with_the_pipelines_decoder(tmp_path):
+    """TGA/ICO bytes named .jpg: PIL reads them, OpenCV (every stage's decoder) does not; so they are skipped at
+    validation instead of failing in the augment stage. A file name that is not UTF-8 decodes (no crash)."""
+    import os
+
+    from yolofps.data import formats
+
+    rgb = np.random.default_rng(0).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+    root = _small_set(tmp_path / "set", {"good.jpg": (rgb, "JPEG"), "tga.jpg": (rgb, "TGA"),
+                                         "ico.jpg": (rgb, "ICO")})
+    (root / "data.yaml").write_text("path: .\ntrain: images/train\nval: images/train\nnames: [a]\n")
+    result = validate.validate_yolo(root / "data.yaml", clip_tolerance=0.02)
+    refused = {i.file.rsplit("/", 1)[-1]: i for i in result.report.issues if i.fault == "unreadable_image"}
+    assert set(refused) >= {"tga.jpg", "ico.jpg"} and "OpenCV" in refused["tga.jpg"].detail
+    assert [s.image.name for s in result.splits["train"]] == ["good.jpg"]
+    odd = root / "images" / "train" / os.fsdecode(b"bad\xff.jpg")
+    odd.write_bytes((root / "images" / "train" / "good.jpg").read_bytes())
+    assert formats.decode_image(odd).shape == (32, 32, 3)

@@ -149,9 +149,10 @@ def train_pipeline(spec: LoaderSpec, extra_transforms: Sequence[TransformSpec], 
 
 
 def _read_rgb(path: Path) -> tuple[np.ndarray, tuple[int, int]]:
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise DataSetError(f"{path}: cannot be read as an image; run `yolofps validate` on the data set")
+    try:
+        image = formats.decode_image(path)
+    except DataSetError as err:
+        raise DataSetError(f"{err}; run `yolofps validate` on the data set") from None
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB), image.shape[:2]
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import yaml
 
@@ -119,10 +120,27 @@ def _resolve_split(raw: Any, root: Path, split: str, path: Path) -> list[Path]:
     return resolved
 
 
+def decode_image(path: str | Path) -> np.ndarray:
+    """uint8 BGR HWC of an image file, decoded the way every stage decodes it: OpenCV, from the file's bytes.
+
+    Only a regular file is opened (a FIFO or a device would block the reader forever), and OpenCV never sees the
+    path (its path handling crashed on a name that is not UTF-8). EXIF orientation is applied, as cv2.imread does.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataSetError(f"{path}: not a regular file; not opened")
+    image = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_COLOR)
+    if image is None:
+        raise DataSetError(f"{path}: not an image OpenCV can decode (the decoder every stage uses)")
+    return image
+
+
 def list_images(location: Path) -> list[Path]:
     """Images of one split entry: a folder (searched recursively) or a .txt file of image paths."""
     if location.is_dir():
         return sorted(p for p in location.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not location.is_file():  # a FIFO would block read_text forever
+        raise DataSetError(f"{location}: an image list must be a regular file; not opened")
     try:
         lines = [line.strip() for line in location.read_text().splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError) as err:

@@ -202,12 +202,20 @@ def _confined(image: Path, base: Path, report: ValidationReport, split: str = ""
 
 def _image_size(path: Path, report: ValidationReport) -> tuple[int, int] | None:
     """(width, height) of a fully decodable image, else None with an `unreadable_image` issue."""
+    if not path.is_file():  # a FIFO or a device would block the decoder forever
+        report.add(path, "unreadable_image", "not a regular file; not opened")
+        return None
     try:
         with Image.open(path) as image:
             image.load()  # a full decode: truncated files fail here, not later in the loader
             width, height = image.size
     except (OSError, ValueError, Image.DecompressionBombError, SyntaxError) as err:
         report.add(path, "unreadable_image", f"{err.__class__.__name__}: {err}")
+        return None
+    try:  # what PIL reads the pipeline may not (DDS, ICO, QOI, TGA named .jpg): check with the pipeline's decoder
+        formats.decode_image(path)
+    except DataSetError as err:
+        report.add(path, "unreadable_image", str(err).removeprefix(f"{path}: "))
         return None
     if width < 2 or height < 2:
         report.add(path, "unreadable_image", f"image is {width}x{height} pixels")

@@ -26,8 +26,8 @@ from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, 
                                       quantize_static)
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from yolofps.data import formats
 from yolofps.data.dataset import letterbox
-from yolofps.errors import DataSetError
 
 CALIBRATION_METHODS = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
                        "entropy": CalibrationMethod.Entropy}
@@ -118,8 +118,5 @@ def cpu_has_vnni() -> bool:
 def calibration_batches(image_paths: Sequence[Path], image_size: int) -> Iterator[np.ndarray]:
     """Letterboxed RGB float32 [1, 3, S, S] in 0..1, one image per batch: the same preprocessing as evaluation."""
     for path in image_paths:
-        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-        if image is None:
-            raise DataSetError(f"{path}: cannot be read as an image; run `yolofps validate` on the data set")
-        image, _, _ = letterbox(cv2.cvtColor(image, cv2.COLOR_BGR2RGB), image_size)
+        image, _, _ = letterbox(cv2.cvtColor(formats.decode_image(path), cv2.COLOR_BGR2RGB), image_size)
         yield (image.transpose(2, 0, 1)[None].astype(np.float32) / 255.0)  # [1, 3, S, S]

@@ -76,9 +76,10 @@ def _split_images(source: formats.DataYaml, split: str) -> list[Path]:
 
 
 def _read_rgb(path: Path) -> np.ndarray:
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:  # the data stage only passes readable images; this means the folder was edited by hand
-        raise DataSetError(f"{path}: cannot read image; rerun the data stage (`dvc repro data`)")
+    try:  # the data stage only passes images this decoder reads; a failure means the folder was edited by hand
+        image = formats.decode_image(path)
+    except DataSetError as err:
+        raise DataSetError(f"{err}; rerun the data stage (`dvc repro data`)") from None
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 

@@ -28,11 +28,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import cv2
 import yaml
 
 from yolofps import device as dev
 from yolofps.config import Config, TrainConfig, to_dict
+from yolofps.data import formats
 from yolofps.engine import checkpoint, job, plots
 from yolofps.engine.evaluate import EvalResult, confusion_matrix
 from yolofps.engine.predict import Predictions, fitness
@@ -209,7 +209,7 @@ def write_plots(folder: Path, result: EvalResult, preds: Predictions, names, sam
         plots.plot_pr_curve(result.pr_curve, result.recall_thresholds, names, folder / "pr_curve.png")
     matrix = confusion_matrix(preds.detections, preds.ground_truth, len(names))
     plots.plot_confusion_matrix(matrix, names, folder / "confusion_matrix.png")
-    images = [cv2.imread(path) for path in preds.paths[:sample_images]]
+    images = [formats.decode_image(path) for path in preds.paths[:sample_images]]
     plots.save_prediction_grid(images, preds.detections[:sample_images], names, folder / "val_predictions.png",
                                max_images=sample_images)
 
