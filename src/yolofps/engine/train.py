@@ -182,11 +182,7 @@ def fit(model: nn.Module, objective: Objective, make_loader: Callable[[int, bool
         losses, seconds, images_seen, out_of_time = _train_epoch(
             step_model, model, objective, make_loader(epoch, mosaic), optimizer, scaler, ema, spec, info, state,
             epoch, deadline)
-        if not all(math.isfinite(v) for v in losses.values()):  # all-reduced: every rank stops here together
-            raise TrainingDivergedError(
-                f"training diverged in epoch {epoch + 1}: mean losses {losses} are not finite; the last good "
-                f"checkpoint (epoch {state.epoch}) is kept, nothing of this epoch is saved. Lower train.lr0 or "
-                "train.warmup_bias_lr, or keep train.grad_clip > 0")
+        _check_finite(losses, epoch, state)
         eval_model = ema.module if ema else model
         metrics = dev.broadcast_object(evaluate(eval_model) if info.is_main else None, info)
         record = {"epoch": epoch, **losses, "images_per_s": images_seen / max(seconds, 1e-9), **metrics,
@@ -215,6 +211,15 @@ def fit(model: nn.Module, objective: Objective, make_loader: Callable[[int, bool
             break
     dev.barrier(info)  # rank 0's last checkpoint is on disk before any rank moves on
     return (ema.module if ema else model), state
+
+
+def _check_finite(losses: dict[str, float], epoch: int, state: FitState) -> None:
+    """Stop before a diverged epoch is evaluated or saved (the losses are all-reduced: every rank stops here)."""
+    if not all(math.isfinite(v) for v in losses.values()):
+        raise TrainingDivergedError(
+            f"training diverged in epoch {epoch + 1}: mean losses {losses} are not finite; the last good "
+            f"checkpoint (epoch {state.epoch}) is kept, nothing of this epoch is saved. Lower train.lr0 or "
+            "train.warmup_bias_lr, or keep train.grad_clip > 0")
 
 
 def _time_is_up(deadline: float | None, info: dev.DeviceInfo, i: int) -> bool:
