@@ -178,3 +178,23 @@ def test_validation_decodes_with_the_pipelines_decoder(tmp_path):
     odd = root / "images" / "train" / os.fsdecode(b"bad\xff.jpg")
     odd.write_bytes((root / "images" / "train" / "good.jpg").read_bytes())
     assert formats.decode_image(odd).shape == (32, 32, 3)
+
+
+def test_a_stem_clash_across_folders_keeps_each_label(tmp_path):
+    """x.jpg in one train folder and x.png in another: two images, two label files, one report line (issue 20:
+    one labels/train/x.txt, x.png's box silently on x.jpg)."""
+    rgb = np.full((32, 32, 3), 100, np.uint8)
+    for folder, name, fmt, label in (("a", "x.jpg", "JPEG", "0 0.3 0.3 0.2 0.2\n"),
+                                     ("b", "x.png", "PNG", "0 0.7 0.7 0.2 0.2\n")):
+        _small_set(tmp_path / "set" / folder, {name: (rgb, fmt)})
+        (tmp_path / "set" / folder / "labels" / "train" / "x.txt").write_text(label)
+    (tmp_path / "set" / "data.yaml").write_text("path: .\ntrain: [a/images/train, b/images/train]\n"
+                                                "val: a/images/train\nnames: [a]\n")
+    cfg = load_config(PROJECT_ROOT / "params.yaml", {"data.source": str(tmp_path / "set" / "data.yaml")})
+    paths = Paths(tmp_path / "work")
+    data_stage.run(cfg, paths)
+    labels = paths.prepared_data / "labels" / "train"
+    assert sorted(p.name for p in labels.iterdir()) == ["x.txt", "x_1.txt"]
+    assert {labels.joinpath(n).read_text().split()[1] for n in ("x.txt", "x_1.txt")} == {"0.300000", "0.700000"}
+    report = json.loads(paths.data_report.read_text())
+    assert report["faults"]["name_clash"] == 1

@@ -35,6 +35,7 @@ POLICY = {
     "crowd_annotation": "ignored",
     "unplaced_annotation": "dropped",
     "outside_data_set": "skipped image",  # a list entry, file_name or symlink leading out of the data set's folder
+    "name_clash": "renamed",  # two images of one split with one file stem (x.jpg, x.png) would share a label file
 }
 
 

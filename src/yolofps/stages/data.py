@@ -54,6 +54,9 @@ def write_prepared(validated: validate.ValidatedSet, out: Path) -> None:
         used: set[str] = set()
         for sample in samples:
             name = _unique_name(sample.image, used)
+            if name != sample.image.name:
+                validated.report.add(sample.image, "name_clash", f"another {split} image has the stem "
+                                     f"{sample.image.stem!r}; written as {name} with its own label file")
             image_path = out / "images" / split / name
             image_path.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(sample.image, image_path)
@@ -62,11 +65,12 @@ def write_prepared(validated: validate.ValidatedSet, out: Path) -> None:
 
 
 def _unique_name(image: Path, used: set[str]) -> str:
-    """Images from several source folders may share a name: suffix later ones with a counter."""
+    """Images from several source folders may share a stem (x.jpg, x.png), and a label file is named by the stem:
+    suffix later ones with a counter."""
     name, counter = image.name, 1
-    while name.lower() in used:
+    while Path(name).stem.lower() in used:
         name, counter = f"{image.stem}_{counter}{image.suffix}", counter + 1
-    used.add(name.lower())
+    used.add(Path(name).stem.lower())
     return name
 
 
