@@ -38,7 +38,7 @@ from yolofps import device as dev
 from yolofps.bench.environment import write_result
 from yolofps.data.dataset import LoaderSpec, YoloDataset, build_loader
 from yolofps.engine.predict import evaluate_pipeline
-from yolofps.model.upstream import import_checkpoint
+from yolofps.model.upstream import ImportedCheckpoint, import_checkpoint
 from yolofps.runtime import Deployment, eval_pipeline
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -68,10 +68,9 @@ def upstream_val(python: str, weights: Path, data_yaml: Path, imgsz: int) -> dic
             "metrics/mAP50-95B": float(map50_95), "table": printed[match.start() - 200: match.end()].strip()}
 
 
-def yolofps_val(weights: Path, data_yaml: Path, imgsz: int, *, multi_label: bool) -> dict:
+def yolofps_val(imported: ImportedCheckpoint, data_yaml: Path, imgsz: int, *, multi_label: bool) -> dict:
     """The imported model through yolofps's evaluation (square letterbox, faster-coco-eval), ultralytics settings;
     `multi_label` as yolofps measures mAP (and val.py does), or single-label as it deploys."""
-    imported = import_checkpoint(weights)
     dataset = YoloDataset(data_yaml, "val", LoaderSpec(image_size=imgsz), train=False)
     info = dev.resolve("cpu", amp=False)
     settings = Deployment(imgsz, conf=0.001, iou=0.6, max_det=300, multi_label=multi_label)
@@ -91,8 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(PROJECT_ROOT / "benchmarks" / "results" / "upstream_map.json"))
     args = parser.parse_args(argv)
     theirs = upstream_val(args.upstream_python, args.weights, args.data, args.imgsz)
-    ours = yolofps_val(args.weights, args.data, args.imgsz, multi_label=True)
-    single = yolofps_val(args.weights, args.data, args.imgsz, multi_label=False)
+    imported = import_checkpoint(args.weights)
+    ours = yolofps_val(imported, args.data, args.imgsz, multi_label=True)
+    single = yolofps_val(imported, args.data, args.imgsz, multi_label=False)
     difference = round(ours["metrics/mAP50-95B"] - theirs["metrics/mAP50-95B"], 5)
     single_difference = round(single["metrics/mAP50-95B"] - theirs["metrics/mAP50-95B"], 5)
     print(theirs["table"])

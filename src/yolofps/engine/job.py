@@ -125,14 +125,13 @@ def evaluate_as_baseline(model: YOLOv5, data: Data, info: dev.DeviceInfo, train:
     result, predictions = evaluate(model, data, info, train)
     record = {"epoch": 0} | result.metrics()
     for name in ("best", "last"):
-        checkpoint.save_model(checkpoints / name, model.cpu(), meta | {"epoch": 0, "metrics": record,
-                                                                        "finished": True})
+        checkpoint.save_model(checkpoints / name, model, meta | {"epoch": 0, "metrics": record, "finished": True})
     write_history(history_csv, [record])
     print(f"{meta.get('job', 'train')}: train.epochs is 0: evaluated {meta.get('start_weights')} as it is: "
           + "  ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in result.metrics().items()), flush=True)
     state = FitState(best_fitness=fitness(result.metrics()), best_epoch=-1, stopped="not_trained",
                      history=[record])
-    return JobResult(dev.prepare_model(model, info).eval(), state, result, predictions)
+    return JobResult(model, state, result, predictions)
 
 
 def resume_state(checkpoints: Path, section_hash: str, *, force: bool, verbose: bool = True) -> dict[str, Any] | None:

@@ -274,11 +274,7 @@ def _spec(path: Path, root: _Inert, layers: list[_Inert]) -> ArchSpec:
 
 def _modules_of(root: _Inert, kind: str) -> Iterator[_Inert]:
     """Every stand-in of one class in the tree, depth first."""
-    for child in _children(root).values():
-        if isinstance(child, _Inert):
-            if _kind(child) == kind:
-                yield child
-            yield from _modules_of(child, kind)
+    return (module for _, module in _named_modules(root) if _kind(module) == kind)
 
 
 def _check_same_build(path: Path, root: _Inert, model: YOLOv5) -> None:

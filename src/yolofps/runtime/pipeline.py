@@ -23,7 +23,6 @@ from yolofps.runtime.host import Deployment, Image, Letterboxed
 
 Backend = Callable[[torch.Tensor], torch.Tensor]  # float [B, 3, S, S] in 0..1 -> decoded [B, N, 5+nc] float32
 RUNTIMES = ("torch", "xla", "onnxruntime", "openvino")
-CUDA_ONLY_MODES = ("cudagraph",)
 
 
 @dataclass(frozen=True)
