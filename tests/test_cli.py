@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+import pytest
+
 from helpers import run_cmd
 from yolofps.cli import STAGES
 
@@ -49,3 +51,22 @@ def test_unreachable_tracking_server_exits_tempfail_for_the_flow_to_retry(tmp_pa
     result = run_cmd(["yolofps", "promote"], tmp_path, check=False)
     assert result.returncode == EXIT_TEMPFAIL, result.stderr
     assert "failed after 1 attempts" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "-S", "seed=-1"],
+    ["train", "-S", "seed=99999999999999999999"],
+    ["validate", "data.yaml", "--clip-tolerance", "nan"],
+    ["validate", "data.yaml", "--clip-tolerance", "-1"],
+    ["ui", "--port", "99999"],
+    ["validate", "/dev/null"],
+    ["import", "/dev/null", "--out", "model"],
+])
+def test_bad_values_and_options_are_named_errors_never_unexpected_ones(tmp_path, argv):
+    """Issue 20: each of these reached the catch-all ("unexpected error: ValueError ...") or, for the port, exited 0
+    after MLflow's traceback; the catch-all is the last resort no test should see."""
+    (tmp_path / "params.yaml").write_text("seed: 0\n")
+    result = run_cmd(["yolofps", *argv], tmp_path, check=False)
+    assert result.returncode == 2, result.stderr
+    assert "unexpected error" not in result.stderr and "Traceback" not in result.stderr
+    assert "error:" in result.stderr.splitlines()[-1]

@@ -123,6 +123,8 @@ def test_malformed_yaml_names_file_line_and_column(tmp_path):
     ("train.lr0=.inf", "train.lr0"),  # non-finite numbers: refused at load, before a NaN loss trains for an hour
     ("train.warmup_bias_lr=.nan", "train.warmup_bias_lr"),
     ("prune.ratios=[.nan]", r"prune.ratios\[0\]"),
+    ("seed=-1", "seed"),  # numpy and the loaders take 32-bit seeds: these failed as "unexpected error" (issue 20)
+    ("seed=4294967296", "seed"),
 ])
 def test_impossible_values_name_the_key(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):

@@ -144,6 +144,29 @@ def test_every_accuracy_figure_is_spelled_the_ultralytics_way(pipeline_root):
     assert "metrics/mAP50-95B" in (root / "plots" / "bench.csv").read_text().splitlines()[0]
 
 
+def out_of_range(folder: Path) -> list[str]:
+    """Accuracy figures outside [0, 1] in a folder of metrics files; `kd_gain/...` is a difference, in [-1, 1]."""
+    def walk(value, where):
+        if isinstance(value, dict):
+            for key, item in value.items():
+                yield from walk(item, f"{where}/{key}")
+        elif isinstance(value, list):
+            for index, item in enumerate(value):
+                yield from walk(item, f"{where}[{index}]")
+        elif isinstance(value, float) and any(where.endswith("/" + n) for n in names.BOX):
+            low = -1.0 if "/kd_gain/" in where else 0.0
+            if not low <= value <= 1.0:
+                yield f"{where}: {value}"
+    return [bad for path in sorted(folder.glob("*.json")) for bad in walk(json.loads(path.read_text()), path.name)]
+
+
+def test_every_accuracy_figure_lies_in_its_range(pipeline_root):
+    """Issue 20: recall reached 2.0 in metrics/train.json. Checked on the tiny pipeline and on the committed demo."""
+    root, _ = pipeline_root
+    assert not out_of_range(root / "metrics")
+    assert not out_of_range(PROJECT_ROOT / "metrics")
+
+
 def test_bench_marks_a_broken_variant_failed_and_keeps_going(pipeline_root, monkeypatch):
     from yolofps.stages import bench
 

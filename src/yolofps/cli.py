@@ -30,6 +30,21 @@ STAGES: dict[str, tuple[str, str]] = {
 }
 
 
+def fraction(text: str) -> float:
+    """An option in [0, 0.5): argparse turns the ValueError into a usage error naming the option (exit 2)."""
+    value = float(text)
+    if not 0 <= value < 0.5:  # nan fails this too
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 0.5), got {text!r}")
+    return value
+
+
+def port(text: str) -> int:
+    value = int(text)
+    if not 0 < value < 65536:
+        raise argparse.ArgumentTypeError(f"must be a TCP port in 1..65535, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser: `yolofps --help` lists every command with one line each."""
     parser = argparse.ArgumentParser(prog="yolofps", description="Make YOLOv5 detectors fast without losing accuracy.")
@@ -46,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="Check a YOLO data.yaml or COCO instances JSON; list every problem.")
     check.add_argument("path", help="data.yaml or COCO instances JSON")
     check.add_argument("--strict", action="store_true", help="exit non-zero on any problem, not only fatal ones")
-    check.add_argument("--clip-tolerance", type=float, default=0.02, help="clip boxes this far outside (normalized)")
+    check.add_argument("--clip-tolerance", type=fraction, default=0.02, help="clip boxes this far outside (normalized)")
     check.add_argument("--json", dest="json_out", help="also write the full report to this JSON file")
     check.set_defaults(handler=_validate)
     promote = commands.add_parser("promote", help="move @champion to a registered version when the gates pass",
@@ -69,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     imp.set_defaults(handler=_import)
     ui = commands.add_parser("ui", help="start the MLflow UI on 127.0.0.1 over the project's store",
                              description="Start `mlflow ui` bound to 127.0.0.1 over mlflow.tracking_uri.")
-    ui.add_argument("--port", type=int, default=5000)
+    ui.add_argument("--port", type=port, default=5000)
     ui.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     ui.set_defaults(handler=_ui)
     return parser

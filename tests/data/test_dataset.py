@@ -9,7 +9,7 @@ import torch
 from yolofps.config import DEFAULT_TRANSFORMS, TransformSpec
 from yolofps.data import augment, formats
 from yolofps.data.dataset import (LoaderSpec, YoloDataset, build_loader, collate, letterbox, letterbox_rows,
-                                  train_pipeline)
+                                  pad_targets, train_pipeline)
 from yolofps.errors import ConfigError, DataSetError
 
 SIZE = 64
@@ -110,13 +110,20 @@ def test_flips_are_independent_draws():
     assert corners == {(0, 0), (0, 1), (1, 0), (1, 1)}
 
 
-def test_truncation_to_max_boxes_is_reported(tiny_synthetic):
-    dataset = YoloDataset(tiny_synthetic, "train", LoaderSpec(image_size=SIZE, max_boxes=2), train=False)
-    counts = [len(_label_rows(dataset, i)) for i in range(len(dataset))]
-    index = int(np.argmax(counts))
-    assert counts[index] > 2
-    _, targets, mask, meta = dataset[index]
-    assert meta["truncated"] == counts[index] - 2 and mask.all() and targets.shape == (2, 5)
+def test_an_image_with_more_boxes_than_max_boxes_is_refused_by_name(tiny_synthetic):
+    """Issue 20: boxes beyond train.max_boxes were cut without a word; now the loader refuses to start."""
+    most = max(len(formats.read_labels(p)) for p in (tiny_synthetic.parent / "labels" / "train").glob("*.txt"))
+    assert most > 2
+    with pytest.raises(ConfigError, match=rf"train.max_boxes is 2 but .*labels/train/.*\.txt has {most} boxes"):
+        YoloDataset(tiny_synthetic, "train", LoaderSpec(image_size=SIZE, max_boxes=2), train=False)
+    dataset = YoloDataset(tiny_synthetic, "train", LoaderSpec(image_size=SIZE, max_boxes=most), train=False)
+    assert all(dataset[i][3]["truncated"] == 0 for i in range(len(dataset)))
+
+
+def test_pad_targets_counts_what_a_mosaic_cuts():
+    rows = np.tile(np.array([[0, 0.5, 0.5, 0.1, 0.1]], np.float32), (5, 1))
+    targets, mask, cut = pad_targets(rows, 3)
+    assert targets.shape == (3, 5) and bool(mask.all()) and cut == 2
 
 
 def _first_batch(dataset: YoloDataset, seed: int, shuffle: bool = True):

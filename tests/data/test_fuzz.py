@@ -20,13 +20,15 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from yolofps.data import validate
+from yolofps.data import augment, formats, validate
 from yolofps.data.dataset import LoaderSpec, YoloDataset
 from yolofps.errors import DataSetError
 from yolofps.stages.data import write_prepared
 
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 NAMES = ("a", "b", "c")
+FLIP = augment.build_pipeline([])  # the Compose with the stages' bbox settings (it validates every box)
+IMAGE = np.zeros((50, 70, 3), np.uint8)
 
 # tokens a label field may hold: numbers at every edge, and the junk real label files contain
 NUMBER_TOKENS = ["0", "1", "2", "3", "-1", "0.5", "0.0", "-0.0", "1e-9", "1e308", "1e400", "-1e400", "nan", "inf",
@@ -34,14 +36,21 @@ NUMBER_TOKENS = ["0", "1", "2", "3", "-1", "0.5", "0.0", "-0.0", "1e-9", "1e308"
 JUNK_TOKENS = ["", "a", "#", "0,5", "0.5.5", "None", "\x00", "é", "١", "\u00a0", "\ufeff0", "0\r"]
 
 
+# a box at the image's border: just inside, straddling, or just outside it (within data.clip_tolerance or not)
+BORDER_BOX = st.tuples(st.integers(0, 2), st.floats(-0.05, 1.05), st.floats(-0.05, 1.05), st.floats(0, 0.06),
+                       st.floats(0, 0.06)).map(lambda v: " ".join(map(repr, v)))
+
+
 @st.composite
 def label_text(draw) -> str:
-    """Label file text: mostly lines of 0-7 fields from the tokens above, sometimes arbitrary unicode."""
+    """Label file text: mostly lines of 0-7 fields from the tokens above or boxes at the border, sometimes
+    arbitrary unicode."""
     if draw(st.integers(0, 9)) == 0:
         return draw(st.text(max_size=200))
     token = st.one_of(st.sampled_from(NUMBER_TOKENS), st.sampled_from(JUNK_TOKENS),
                       st.floats(allow_nan=True, allow_infinity=True).map(repr), st.integers(-5, 5).map(str))
-    lines = draw(st.lists(st.lists(token, min_size=0, max_size=7).map(" ".join), max_size=12))
+    line = st.one_of(st.lists(token, min_size=0, max_size=7).map(" ".join), BORDER_BOX)
+    lines = draw(st.lists(line, max_size=12))
     separator = draw(st.sampled_from(["\n", "\r\n", "\n\n"]))
     return separator.join(lines)
 
@@ -58,10 +67,13 @@ def test_label_lines_are_kept_clean_or_reported(text):
     assert rows.dtype == np.float32 and rows.shape[1] == 5
     assert np.isfinite(rows).all()
     assert ((rows[:, 0] >= 0) & (rows[:, 0] < len(NAMES)) & (rows[:, 0] == np.round(rows[:, 0]))).all()
-    assert (rows[:, 3:] > 0).all()
+    assert (rows[:, 3:] >= validate.MIN_SIDE * (1 - 1e-6)).all()  # issue 20: a clipped box had width -0.005
     eps = 1e-5  # float32 of a box touching the border
     assert (rows[:, 1] - rows[:, 3] / 2 >= -eps).all() and (rows[:, 1] + rows[:, 3] / 2 <= 1 + eps).all()
     assert (rows[:, 2] - rows[:, 4] / 2 >= -eps).all() and (rows[:, 2] + rows[:, 4] / 2 <= 1 + eps).all()
+    # what is kept survives the augment stage's albumentations call, written and read back as the stages do
+    written = np.array([line.split() for line in formats.format_labels(rows).splitlines()], np.float32).reshape(-1, 5)
+    augment.apply(FLIP, IMAGE, written)
     # nothing silently dropped: every non-blank line is a kept box or a reported fault
     nonblank = sum(1 for line in text.splitlines() if line.split())
     assert len(rows) == nonblank - sum(_dropped(issue) for issue in report.issues)
@@ -104,10 +116,10 @@ def test_validator_and_loader_survive_any_label_file(dataset, text):
     assert validated.report.counts["train/images"] == 1  # a bad label never costs the image itself
     with tempfile.TemporaryDirectory() as out:
         write_prepared(validated, Path(out))
-        loader_set = YoloDataset(Path(out) / "data.yaml", "train", LoaderSpec(image_size=64, max_boxes=4), train=False)
+        loader_set = YoloDataset(Path(out) / "data.yaml", "train", LoaderSpec(image_size=64, max_boxes=16), train=False)
         image, targets, mask, _ = loader_set[0]
-        assert image.shape == (3, 64, 64) and targets.shape == (4, 5) and mask.shape == (4,)
-        assert bool(targets.isfinite().all()) and int(mask.sum()) == len(validated.splits["train"][0].rows[:4])
+        assert image.shape == (3, 64, 64) and targets.shape == (16, 5) and mask.shape == (16,)
+        assert bool(targets.isfinite().all()) and int(mask.sum()) == len(validated.splits["train"][0].rows)
 
 
 PATH_VALUES = ["images/train", "images/val", "images", ".", "..", "../..", "/etc", "/", "~", "~nobody/x", "escape",

@@ -55,6 +55,17 @@ def test_every_fault_is_named_with_file_line_and_action(faulty_dataset):
     assert counts["val/images"] == 1 and counts["val/boxes"] == 1
 
 
+def test_a_box_just_outside_the_image_is_dropped_not_kept_with_a_negative_width():
+    """Issue 20: `0 1.01 0.5 0.01 0.01` overshoots by 0.015 (within the tolerance) but lies wholly outside; it was
+    "clipped" to width -0.005 and the augment stage died on it."""
+    report = validate.ValidationReport(source="t")
+    rows = validate.parse_label_text("0 1.01 0.5 0.01 0.01\n0 0.995 0.5 0.02 0.02\n", 1, 0.02, report, "x.txt")
+    assert rows.shape == (1, 5) and rows[0, 1] + rows[0, 3] / 2 == pytest.approx(1.0) and rows[0, 3] > 0
+    actions = [(i.line, i.fault, i.action) for i in report.issues]
+    assert actions == [(1, "box_outside_image", "dropped line"), (2, "box_outside_image", "clipped box")]
+    assert "nothing is left after clipping" in report.issues[0].detail
+
+
 @pytest.mark.parametrize("text, match", [
     ("train: images/train\nval: images/val\n", "missing key"),
     ("path: .\ntrain: images/train\nval: images/nowhere\nnames: [a]\n", "does not exist"),
@@ -198,3 +209,17 @@ def test_a_stem_clash_across_folders_keeps_each_label(tmp_path):
     assert {labels.joinpath(n).read_text().split()[1] for n in ("x.txt", "x_1.txt")} == {"0.300000", "0.700000"}
     report = json.loads(paths.data_report.read_text())
     assert report["faults"]["name_clash"] == 1
+
+
+def test_a_split_left_without_usable_images_stops_the_data_stage_by_name(tmp_path):
+    """Issue 20: a val split whose every image is unreadable passed the data stage as an empty split."""
+    rgb = np.full((32, 32, 3), 128, np.uint8)
+    root = _small_set(tmp_path / "set", {"good.jpg": (rgb, "JPEG")})
+    (root / "images" / "val").mkdir()
+    (root / "images" / "val" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    (root / "data.yaml").write_text("path: .\ntrain: images/train\nval: images/val\nnames: [a]\n")
+    paths = Paths(tmp_path / "work")
+    cfg = load_config(PROJECT_ROOT / "params.yaml", {"data.source": str(root / "data.yaml")})
+    with pytest.raises(DataSetError, match=r"the val split has no usable image \(1 unreadable_image\)"):
+        data_stage.run(cfg, paths)
+    assert not paths.prepared_data.exists()  # fatal before any output is touched

@@ -5,6 +5,8 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from yolofps.engine.evaluate import EvalResult, confusion_matrix, evaluate_detections
 from yolofps.engine.plots import draw_detections, plot_confusion_matrix, plot_pr_curve, save_prediction_grid
@@ -86,6 +88,41 @@ def test_confident_false_positive_lowers_map50():
     result = evaluate_detections(preds, gt, [(128, 128)], NAMES)
     assert result.map50 < 1.0
     assert result.recall == pytest.approx(1.0) and result.precision == pytest.approx(0.5)
+
+
+def test_two_detections_of_one_object_are_one_tp_and_recall_stays_at_most_one():
+    """Issue 20: faster-coco-eval 1.8.0's extended_metrics counted a detection matched at any IoU threshold as a
+    TP, so one object found twice (IoU 0.6 at score 0.9, IoU 0.95 at 0.8) gave recall 2.0."""
+    gt = [np.array([[0, 100, 100, 200, 200]], float)]
+    loose, tight = [100, 100, 200, 267, 0.9, 0], [100, 100, 200, 205, 0.8, 0]
+    result = evaluate_detections([np.array([loose, tight], float)], gt, [(400, 400)], ["a"])
+    assert result.recall == pytest.approx(1.0)
+    assert result.precision == pytest.approx(1.0)  # the best-F1 confidence is 0.9: one detection, one TP
+
+
+_box = st.tuples(*[st.floats(0, 120, allow_nan=False)] * 4).map(
+    lambda v: [min(v[0], v[2]), min(v[1], v[3]), max(v[0], v[2]) + 1, max(v[1], v[3]) + 1])
+_pred = st.tuples(_box, st.floats(0.01, 1), st.integers(0, 2)).map(lambda t: [*t[0], t[1], t[2]])
+_gt = st.tuples(st.integers(0, 2), _box).map(lambda t: [t[0], *t[1]])
+
+
+_echo = st.tuples(st.floats(-20, 20), st.floats(0.01, 1))  # a detection of a ground truth: shift, score
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.lists(_pred, max_size=6), st.lists(st.tuples(_gt, st.lists(_echo, max_size=3)),
+                                                                 max_size=4)), min_size=1, max_size=3))
+def test_every_metric_stays_in_its_range(images):
+    """Whatever the detections (each object found 0-3 times at other IoUs, strays, wrong classes), P, R, mAP50 and
+    mAP50-95 lie in [0, 1]."""
+    predictions, ground_truth = [], []
+    for strays, objects in images:
+        echoes = [[x1 + d, y1 + d, x2 + d, y2, score, cls] for (cls, x1, y1, x2, y2), e in objects for d, score in e]
+        predictions.append(np.array(strays + echoes, float).reshape(-1, 6))
+        ground_truth.append(np.array([g for g, _ in objects], float).reshape(-1, 5))
+    result = evaluate_detections(predictions, ground_truth, [(160, 160)] * len(images), NAMES)
+    for name, value in result.metrics().items():
+        assert 0.0 <= value <= 1.0, (name, value)
 
 
 def test_mismatched_lengths_and_bad_classes_are_named_errors():

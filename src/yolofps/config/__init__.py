@@ -46,6 +46,8 @@ class Config:
     prefect: PrefectConfig = field(default_factory=PrefectConfig)
 
     def __post_init__(self) -> None:
+        # numpy's and the data loaders' generators take 32-bit seeds; a larger one failed after the work began
+        _check(0 <= self.seed < 2**32, f"seed must be in [0, 2**32), got {self.seed}")
         if self.distill.student == "pruned":
             _check(self.distill.ratio in self.prune.ratios,
                    f"distill.ratio {self.distill.ratio} must be one of prune.ratios {list(self.prune.ratios)}")

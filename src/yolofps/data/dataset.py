@@ -61,7 +61,7 @@ class LoaderSpec:
     """What the loader needs (the train config fills it); augmentation gains follow yolov5 hyp.scratch-low."""
 
     image_size: int = 320  # fixed square input, multiple of 32
-    max_boxes: int = 64  # targets padded / truncated to this many per image
+    max_boxes: int = 64  # targets padded to this many per image; an image with more is refused, mosaics are cut
     mosaic: float = 1.0  # probability of a 4-image mosaic at train time
     hsv_h: float = 0.015
     hsv_s: float = 0.7
@@ -166,6 +166,18 @@ def pad_targets(rows: np.ndarray, max_boxes: int) -> tuple[torch.Tensor, torch.T
     return targets, mask, max(0, len(rows) - max_boxes)
 
 
+def _check_room(images: list[Path], labels: list[np.ndarray], max_boxes: int) -> None:
+    """Every image's boxes fit the padded targets: cutting them would drop objects from training and from the
+    loss's view of evaluation without a word (issue 20)."""
+    counts = [len(rows) for rows in labels]
+    most = max(counts, default=0)
+    if most > max_boxes:
+        crowded = images[counts.index(most)]
+        raise ConfigError(f"train.max_boxes is {max_boxes} but {formats.label_path_for(crowded)} has {most} boxes "
+                          f"({sum(c > max_boxes for c in counts)} image(s) have more than {max_boxes}); set "
+                          f"train.max_boxes to at least {most} so no box is left out")
+
+
 class YoloDataset(Dataset):
     """One split of a YOLO data set as fixed-shape samples; `train=True` adds yolov5-style augmentation."""
 
@@ -178,6 +190,7 @@ class YoloDataset(Dataset):
         if not self.images:
             raise DataSetError(f"{data.path}: split {split!r} has no images")
         self.labels = [formats.read_labels(formats.label_path_for(image)) for image in self.images]
+        _check_room(self.images, self.labels, spec.max_boxes)
         self.names: tuple[str, ...] = data.names
         self.spec, self.train = spec, train
         # shared memory, so set_mosaic() also reaches persistent loader workers (each holds a copy of self)

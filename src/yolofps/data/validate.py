@@ -109,6 +109,17 @@ class ValidatedSet:
     splits: dict[str, list[Sample]]
     report: ValidationReport
 
+    def require_every_split(self) -> None:
+        """A split left without a usable image is fatal, naming what cost its images (issue 20: it passed as an
+        empty split and failed later, in training, with no word of why)."""
+        for split, samples in self.splits.items():
+            if samples:
+                continue
+            faults = Counter(issue.fault for issue in self.report.issues if issue.action == POLICY["unreadable_image"])
+            why = ", ".join(f"{n} {fault}" for fault, n in sorted(faults.items())) or "no image reached it"
+            raise DataSetError(f"{self.report.source}: the {split} split has no usable image ({why}); "
+                               f"`yolofps validate {self.report.source}` lists every problem")
+
 
 # --------------------------------------------------------------------------------------------- entry points
 
@@ -267,9 +278,12 @@ def _clean(rows: list[tuple[int, tuple[float, ...]]], num_classes: int, toleranc
     return np.array(kept, np.float32).reshape(-1, 5)
 
 
+MIN_SIDE = 1e-5  # normalized; a side under this has no area once written with the label files' 6 decimals
+
+
 def _check_box(values: tuple[float, ...], num_classes: int, tolerance: float, report: ValidationReport,
                file: Path | str, line: int) -> tuple[float, ...] | None:
-    """One box through the policy: drop bad ones, clip slightly-outside ones."""
+    """One box through the policy: drop bad ones, clip slightly-outside ones; what is kept has area in the image."""
     cls, cx, cy, w, h = values
     if not all(math.isfinite(v) for v in values):
         report.add(file, "non_numeric", f"non-finite value in {values}", line)
@@ -277,8 +291,8 @@ def _check_box(values: tuple[float, ...], num_classes: int, tolerance: float, re
     if cls != int(cls) or not 0 <= cls < num_classes:
         report.add(file, "class_out_of_range", f"class {cls:g}, data set has classes 0..{num_classes - 1}", line)
         return None
-    if w <= 0 or h <= 0:
-        report.add(file, "non_positive_size", f"width {w:g}, height {h:g}", line)
+    if w < MIN_SIDE or h < MIN_SIDE:
+        report.add(file, "non_positive_size", f"width {w:g}, height {h:g} (a side must be >= {MIN_SIDE:g})", line)
         return None
     x1, y1, x2, y2 = cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2
     overshoot = max(-x1, -y1, x2 - 1, y2 - 1)
@@ -288,7 +302,13 @@ def _check_box(values: tuple[float, ...], num_classes: int, tolerance: float, re
         report.add(file, "box_outside_image", f"extends {overshoot:.3f} beyond the image (tolerance {tolerance})",
                    line, action="dropped line")
         return None
-    x1, y1, x2, y2 = max(x1, 0.0), max(y1, 0.0), min(x2, 1.0), min(y2, 1.0)
+    # clip every corner into the image: a box lying just outside (x1 > 1) has nothing left, not a negative width
+    x1, x2 = min(max(x1, 0.0), 1.0), min(max(x2, 0.0), 1.0)
+    y1, y2 = min(max(y1, 0.0), 1.0), min(max(y2, 0.0), 1.0)
+    if x2 - x1 < MIN_SIDE or y2 - y1 < MIN_SIDE:
+        report.add(file, "box_outside_image", f"extends {overshoot:.3f} beyond the image and lies (almost) wholly "
+                   "outside it: nothing is left after clipping", line, action="dropped line")
+        return None
     report.add(file, "box_outside_image", f"extends {overshoot:.3f} beyond the image", line, action="clipped box")
     return (cls, (x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1)
 

@@ -20,7 +20,8 @@ from yolofps.metric_names import MAP50, MAP50_95, PRECISION, RECALL
 logger = logging.getLogger(__name__)
 
 # Recorded in EvalResult.settings so the P/R figures travel with their definition (see evaluate_detections)
-PR_DEFINITION = "mean over classes with GT at the confidence maximising mean F1, IoU 0.5 (faster-coco-eval)"
+PR_DEFINITION = ("mean over classes with GT at the confidence maximising mean F1; TP = COCO's greedy match at IoU "
+                 "0.5, area all, every detection (faster-coco-eval)")
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,26 @@ def _per_class_ap(precision: np.ndarray, iou50: int, names: Sequence[str]) -> tu
     return per_class, per_class50, curve
 
 
+def _precision_recall(coco_gt: COCO, coco_dt: COCO, predictions: Sequence[np.ndarray]) -> tuple[float, float]:
+    """P and R at the max-mean-F1 confidence from an evaluator that matches at IoU 0.5 only, area 'all'.
+
+    faster-coco-eval 1.8.0's ``extended_metrics`` counts a detection as a TP when it was matched at *any* of the
+    evaluator's IoU thresholds and area ranges, so two detections of one object (one matched at 0.5, the other at
+    0.95) were both TPs and recall reached 1.5 or 2.0 (issue 20). With one IoU threshold and one area range there is
+    one greedy matching: each ground truth has at most one TP, and P and R stay in [0, 1]. maxDets covers every
+    detection of an image, as P counts them all.
+    """
+    evaluator = COCOeval_faster(coco_gt, coco_dt, "bbox", print_function=logger.debug, extra_calc=True)
+    evaluator.params.iouThrs = np.array([0.5])
+    evaluator.params.areaRng, evaluator.params.areaRngLbl = evaluator.params.areaRng[:1], ["all"]
+    evaluator.params.maxDets = [max(1, *(len(p) for p in predictions))]
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()  # extended_metrics reads its stats
+    extended = evaluator.extended_metrics
+    return float(extended["precision"]), float(extended["recall"])
+
+
 def evaluate_detections(
     predictions: list[np.ndarray],
     ground_truth: list[np.ndarray],
@@ -162,6 +183,7 @@ def evaluate_detections(
     that COCO's greedy matching paired with a ground truth at IoU >= 0.5. P and R are averaged over the classes that
     have ground truth, at the single t (one of the detection scores) that maximises the mean per-class F1; the
     lowest such t wins ties. This is ultralytics' definition without its 1000-point curve interpolation and smoothing.
+    They are computed by a second evaluator that matches at IoU 0.5 only (see `_precision_recall`).
 
     predictions[i]: float [k, 6] (x1, y1, x2, y2, score, class) for image i; ground_truth[i]: float [n, 5]
     (class, x1, y1, x2, y2); image_sizes[i]: (height, width). Pixel coordinates of the original image.
@@ -176,14 +198,14 @@ def evaluate_detections(
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
-        extended = evaluator.extended_metrics  # P and R at the max-mean-F1 confidence
+        precision, recall = _precision_recall(coco_gt, coco_dt, predictions)
     iou50 = int(np.flatnonzero(np.isclose(evaluator.params.iouThrs, 0.5))[0])
     per_class, per_class50, curve = _per_class_ap(evaluator.eval["precision"], iou50, names)
     return EvalResult(
         map50_95=max(float(evaluator.stats[0]), 0.0),
         map50=max(float(evaluator.stats[1]), 0.0),
-        precision=float(extended["precision"]),
-        recall=float(extended["recall"]),
+        precision=precision,
+        recall=recall,
         per_class_ap=per_class,
         per_class_ap50=per_class50,
         num_images=len(image_sizes),

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import warnings
 from copy import deepcopy
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Protocol
@@ -252,7 +253,9 @@ def _train_epoch(step_model, model, objective, loader, optimizer, scaler, ema, s
     bar = tqdm(dev.device_loader(loader, info), total=num_batches, desc=f"epoch {epoch + 1}/{spec.epochs}",
                disable=None if info.is_main else True, leave=False)
     optimizer.zero_grad(set_to_none=True)
-    for i, (images, targets, mask, _) in enumerate(bar):
+    cut = 0  # boxes of 4-image mosaics beyond max_boxes (a single image never exceeds it: the dataset checks)
+    for i, (images, targets, mask, metas) in enumerate(bar):
+        cut += sum(meta["truncated"] for meta in metas)
         step = i + num_batches * epoch
         if step < warmup_steps:
             accumulate = max(1, round(np.interp(step, [0, warmup_steps], [1, spec.nominal_batch / spec.batch])))
@@ -283,6 +286,9 @@ def _train_epoch(step_model, model, objective, loader, optimizer, scaler, ema, s
             break
     dev.synchronize(info)
     seconds = time.perf_counter() - start
+    if cut and info.is_main:
+        warnings.warn(f"epoch {epoch + 1}: {cut} mosaic box(es) beyond train.max_boxes={spec.max_boxes} were left out "
+                      "of the loss; raise train.max_boxes to keep them", stacklevel=2)
     means = {f"train/{name}_loss" if name != "loss" else "train/loss":
              float(dev.all_reduce_mean(v, info)) / max(steps, 1) for name, v in totals.items()}
     return means, seconds, images_seen, out_of_time

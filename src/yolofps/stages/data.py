@@ -29,6 +29,7 @@ def run(cfg: Config, paths: Paths = Paths()) -> StageResult:
     else:
         validated = validate.validate_source(paths.root / data.source, clip_tolerance=data.clip_tolerance,
                                              val_fraction=data.val_fraction, seed=cfg.seed)
+        validated.require_every_split()
         out = fresh_dir(paths.prepared_data)
         write_prepared(validated, out)
     write_json(paths.data_report, validated.report.to_dict())
