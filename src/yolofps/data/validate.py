@@ -36,6 +36,7 @@ POLICY = {
     "unplaced_annotation": "dropped",
     "outside_data_set": "skipped image",  # a list entry, file_name or symlink leading out of the data set's folder
     "name_clash": "renamed",  # two images of one split with one file stem (x.jpg, x.png) would share a label file
+    "size_mismatch": "skipped image",  # a COCO entry's width/height are not the file's: its pixel boxes are unplaceable
 }
 
 
@@ -166,6 +167,10 @@ def validate_coco(path: Path, *, clip_tolerance: float, val_fraction: float, see
         if image.crowd_skipped:
             report.add(image.path, "crowd_annotation", f"{image.crowd_skipped} iscrowd annotation(s) not used for training")
         if (size := _image_size(image.path, report)) is None:
+            continue
+        if size != (image.width, image.height):  # COCO boxes are pixels of that size: normalizing by it would misplace
+            report.add(image.path, "size_mismatch", f"the COCO entry says {image.width}x{image.height}, the file "
+                       f"decodes to {size[0]}x{size[1]}; its boxes cannot be placed with certainty")
             continue
         rows = clean_rows(image.rows, len(names), clip_tolerance, report, file=f"{path}#{image.path.name}")
         samples.append(Sample(image.path, size[0], size[1], rows))
