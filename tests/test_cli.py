@@ -61,11 +61,14 @@ def test_unreachable_tracking_server_exits_tempfail_for_the_flow_to_retry(tmp_pa
     ["ui", "--port", "99999"],
     ["validate", "/dev/null"],
     ["import", "/dev/null", "--out", "model"],
+    ["validate", "data.yaml", "--json", "."],  # a folder as the report file
 ])
 def test_bad_values_and_options_are_named_errors_never_unexpected_ones(tmp_path, argv):
     """Issue 20: each of these reached the catch-all ("unexpected error: ValueError ...") or, for the port, exited 0
     after MLflow's traceback; the catch-all is the last resort no test should see."""
     (tmp_path / "params.yaml").write_text("seed: 0\n")
+    (tmp_path / "images").mkdir()  # an empty but valid data set for `validate`
+    (tmp_path / "data.yaml").write_text("train: images\nval: images\nnames: [a]\n")
     result = run_cmd(["yolofps", *argv], tmp_path, check=False)
     assert result.returncode == 2, result.stderr
     assert "unexpected error" not in result.stderr and "Traceback" not in result.stderr

@@ -154,13 +154,18 @@ def _run_stage(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
+    from yolofps.config import ConfigError
     from yolofps.data.validate import validate_source
     from yolofps.fileio import write_json
 
     validated = validate_source(args.path, clip_tolerance=args.clip_tolerance)
     print(validated.report.summary())
     if args.json_out:
-        write_json(Path(args.json_out), validated.report.to_dict())
+        try:
+            write_json(Path(args.json_out), validated.report.to_dict())
+        except (OSError, ValueError) as err:  # a folder, an unwritable place, a NUL: the summary above still stands
+            reason = getattr(err, "strerror", None) or err
+            raise ConfigError(f"--json {args.json_out}: cannot write the report there ({reason})") from None
     return 1 if args.strict and validated.report.issues else 0
 
 

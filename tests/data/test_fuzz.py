@@ -207,3 +207,59 @@ def test_no_value_in_the_report_is_nan(dataset):
     report = validate.validate_yolo(dataset / "data.yaml").report.to_dict()
     assert report["faults"] == {"non_numeric": 2}
     assert not any(isinstance(v, float) and math.isnan(v) for v in report["counts"].values())
+
+
+COCO_SCALARS = st.one_of(st.none(), st.booleans(), st.integers(-2, 4), st.floats(allow_nan=True, allow_infinity=True),
+                         st.sampled_from(["images/train/im.png", "../secret/passwd.jpg", "/etc/hostname", "", "a"]),
+                         st.text(max_size=6))
+COCO_VALUES = st.recursive(COCO_SCALARS, lambda inner: st.one_of(
+    st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=4), inner, max_size=3)), max_leaves=6)
+GOOD_IMAGE = {"id": 1, "file_name": "images/train/im.png", "width": 56, "height": 40}
+
+
+def _entry(good: dict) -> st.SearchStrategy:
+    """A well-formed entry with some of its keys replaced by random values or dropped."""
+    return st.fixed_dictionaries({}, optional={key: st.one_of(st.just(value), COCO_VALUES)
+                                               for key, value in good.items()})
+
+
+COCO_DOCUMENT = st.one_of(COCO_VALUES, st.fixed_dictionaries({
+    "images": st.one_of(st.lists(st.one_of(st.just(GOOD_IMAGE), _entry(GOOD_IMAGE)), max_size=3), COCO_VALUES),
+    "categories": st.one_of(st.lists(_entry({"id": 1, "name": "a"}), max_size=3), COCO_VALUES),
+    "annotations": st.one_of(st.lists(_entry({"id": 1, "image_id": 1, "category_id": 1, "bbox": [5, 5, 20, 10],
+                                              "iscrowd": 0}), max_size=4), COCO_VALUES),
+}))
+
+
+@FUZZ
+@given(COCO_DOCUMENT)
+def test_any_coco_document_is_validated_or_a_named_error(dataset, document):
+    """Issue 20, class 2: a COCO JSON of any shape (wrong types, missing keys, repeated ids, dangling references,
+    nan boxes) ends in a validated set whose every annotation is a kept box or a reported fault, or in a
+    DataSetError naming the file; never "unexpected error"."""
+    path = dataset / "coco.json"
+    path.write_text(json.dumps(document))
+    try:
+        validated = validate.validate_coco(path, clip_tolerance=0.02, val_fraction=0.5, seed=0)
+    except DataSetError as err:
+        assert str(path) in str(err)
+        return
+    kept = [s for split in validated.splits.values() for s in split]
+    assert all(s.image.name == "im.png" for s in kept)  # nothing outside the data set is ever used
+    for sample in kept:
+        assert np.isfinite(sample.rows).all() and (sample.rows[:, 3:] >= validate.MIN_SIDE * (1 - 1e-6)).all()
+    if isinstance(document, dict) and isinstance(document.get("annotations"), list):
+        boxes = sum(len(s.rows) for s in kept)
+        assert boxes <= len(document["annotations"])
+        assert boxes == len(document["annotations"]) or validated.report.issues
+
+
+def test_repeated_coco_ids_are_named_not_merged(dataset):
+    """Two images (or categories) with one id were merged silently, the later entry winning."""
+    path = dataset / "coco.json"
+    for images, categories, what in (([GOOD_IMAGE, GOOD_IMAGE | {"file_name": "x.png"}], [{"id": 1, "name": "a"}],
+                                      "images"),
+                                     ([GOOD_IMAGE], [{"id": 1, "name": "a"}, {"id": 1, "name": "b"}], "categories")):
+        path.write_text(json.dumps({"images": images, "categories": categories, "annotations": []}))
+        with pytest.raises(DataSetError, match=rf"{what} ids must be unique; repeated: \[1\]"):
+            validate.validate_coco(path, clip_tolerance=0.02, val_fraction=0.5, seed=0)

@@ -164,3 +164,20 @@ def test_cli_import_writes_a_model_folder_that_loads(tmp_path, capsys):
                                atol=1e-4 * np.abs(GOLDEN["pred_0"]).max())
     assert cli.main(["import", str(FIXTURES / "payload.pt"), "--out", str(tmp_path / "no")]) == 2
     assert not (tmp_path / "no").exists() and "refused" in capsys.readouterr().err
+
+
+def test_cli_import_never_replaces_what_is_not_a_model_folder(tmp_path, capsys):
+    """Issue 20: `--out` an existing file or folder was swapped for the model (`--out /etc/passwd` replaced it);
+    an unwritable place was an "unexpected error". A model folder is replaced, as a rerun expects."""
+    source = str(FIXTURES / "tiny_pkg.pt")
+    (tmp_path / "notes.txt").write_text("keep me")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "f").write_text("keep me too")
+    for out in ("notes.txt", "mine"):
+        assert cli.main(["import", source, "--out", str(tmp_path / out)]) == 2
+        assert "is not a yolofps model folder" in capsys.readouterr().err
+    assert (tmp_path / "notes.txt").read_text() == "keep me" and (tmp_path / "mine" / "f").read_text() == "keep me too"
+    assert cli.main(["import", source, "--out", str(tmp_path / "no" / "such" / "\0x")]) == 2
+    assert "unexpected" not in capsys.readouterr().err
+    for _ in range(2):  # a model folder may be overwritten
+        assert cli.main(["import", source, "--out", str(tmp_path / "model")]) == 0

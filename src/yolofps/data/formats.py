@@ -12,6 +12,7 @@ cannot make the pipeline read `/etc` or `../../secrets`.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -237,6 +238,10 @@ def read_coco(path: str | Path) -> tuple[tuple[str, ...], list[CocoImage], list[
         raise DataSetError(f"{path}: malformed images/categories entry ({err!r})") from None
     if not names:
         raise DataSetError(f"{path}: no categories")
+    _require_unique(path, "images", [im["id"] for im in doc["images"]], len(images))
+    _require_unique(path, "categories", [c["id"] for c in categories], len(class_of))
+    if not isinstance(doc.get("annotations", []), list):
+        raise DataSetError(f"{path}: 'annotations' must be a list, got {type(doc['annotations']).__name__}")
     rows: dict[int, list] = {image_id: [] for image_id in images}
     crowd: dict[int, int] = {image_id: 0 for image_id in images}
     problems = []
@@ -252,6 +257,13 @@ def read_coco(path: str | Path) -> tuple[tuple[str, ...], list[CocoImage], list[
         except (KeyError, TypeError, ValueError) as err:
             problems.append(f"image id {image_id}: malformed entry ({err!r})")
     return names, result, problems
+
+
+def _require_unique(path: Path, what: str, ids: list, distinct: int) -> None:
+    """Two entries with one id would be merged silently (the later one wins): a fatal error naming the ids."""
+    if distinct != len(ids):
+        repeated = sorted(i for i, n in Counter(int(i) for i in ids).items() if n > 1)
+        raise DataSetError(f"{path}: {what} ids must be unique; repeated: {repeated[:10]}")
 
 
 def _add_coco_annotation(ann: Any, images: dict, class_of: dict, rows: dict, crowd: dict) -> str | None:

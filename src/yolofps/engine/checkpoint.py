@@ -122,9 +122,21 @@ def imported_meta(imported: ImportedCheckpoint) -> dict[str, Any]:
 
 
 def import_to_folder(path: str | Path, folder: str | Path) -> tuple[Path, ImportedCheckpoint]:
-    """`yolofps import`: an official yolov5 `.pt` written as a yolofps model folder (arch + safetensors + meta)."""
+    """`yolofps import`: an official yolov5 `.pt` written as a yolofps model folder (arch + safetensors + meta).
+
+    `folder` is the user's path: it must be new or an earlier model folder. save_model swaps whatever is at its
+    target, so `--out /etc/passwd` or `--out ~` once replaced that file or directory with the model (issue 20).
+    """
+    folder = Path(folder)
+    if os.path.lexists(folder) and not (folder.is_dir() and (folder / ARCH).is_file()):
+        raise CheckpointError(f"{folder}: exists and is not a yolofps model folder; --out must be a new path or a "
+                              "model folder to replace (nothing was written)")
     imported = import_checkpoint(path)
-    return save_model(folder, imported.model, imported_meta(imported)), imported
+    try:
+        return save_model(folder, imported.model, imported_meta(imported)), imported
+    except (OSError, ValueError) as err:  # ValueError: a NUL in the path
+        raise CheckpointError(f"{folder}: cannot write the model folder ({getattr(err, 'strerror', None) or err}); "
+                              "choose --out in a writable folder") from None
 
 
 def load_state(folder: str | Path, *, hint: str = HINT) -> dict[str, Any] | None:
