@@ -162,7 +162,7 @@ def _precision_recall(coco_gt: COCO, coco_dt: COCO, predictions: Sequence[np.nda
     evaluator = COCOeval_faster(coco_gt, coco_dt, "bbox", print_function=logger.debug, extra_calc=True)
     evaluator.params.iouThrs = np.array([0.5])
     evaluator.params.areaRng, evaluator.params.areaRngLbl = evaluator.params.areaRng[:1], ["all"]
-    evaluator.params.maxDets = [max(1, *(len(p) for p in predictions))]
+    evaluator.params.maxDets = [max(1, max((len(p) for p in predictions), default=0))]
     evaluator.evaluate()
     evaluator.accumulate()
     evaluator.summarize()  # extended_metrics reads its stats
@@ -190,7 +190,7 @@ def evaluate_detections(
     Metrics that COCO leaves undefined (no ground truth at all) are reported as 0.0, never nan.
     """
     coco_gt, coco_dt, num_gt, num_predictions = _to_coco(predictions, ground_truth, image_sizes, names)
-    evaluator = COCOeval_faster(coco_gt, coco_dt, "bbox", print_function=logger.debug, extra_calc=True)
+    evaluator = COCOeval_faster(coco_gt, coco_dt, "bbox", print_function=logger.debug)  # P/R: _precision_recall
     settings = _settings(evaluator.params)
     if num_gt == 0:  # COCO has nothing to average over; every number is 0 by convention
         return EvalResult(0.0, 0.0, 0.0, 0.0, {}, {}, len(image_sizes), 0, num_predictions, settings)
