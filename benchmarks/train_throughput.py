@@ -22,8 +22,8 @@ import torch
 
 from yolofps.bench.environment import write_result
 from yolofps.data import synthetic
-from yolofps.data.dataset import LoaderSpec, YoloDataset, build_loader
-from yolofps.config import TrainConfig
+from yolofps.config import load_config
+from yolofps.data.dataset import YoloDataset, build_loader
 from yolofps.engine.train import build_optimizer
 from yolofps.model.loss import YOLOv5Loss
 from yolofps.model.spec import preset
@@ -70,11 +70,13 @@ def main(argv: list[str] | None = None) -> int:
         spec = synthetic.SyntheticSpec(num_train=args.images, num_val=1, image_size=args.imgsz, min_aspect=0.75,
                                        max_objects=6, background_fraction=0.1, min_visible=0.3)
         data_yaml = synthetic.generate(Path(tmp), spec, seed=0)
-        dataset = YoloDataset(data_yaml, "train", LoaderSpec(image_size=args.imgsz), train=True, seed=0)
+        train = load_config(PROJECT_ROOT / "params.yaml", {"train.batch": args.batch, "train.epochs": 1,
+                                                          "train.optim.optimizer": "SGD"}).train
+        dataset = YoloDataset(data_yaml, "train", args.imgsz, train.loader, train=True, seed=0)
         loader = build_loader(dataset, args.batch, shuffle=True, workers=args.workers, seed=0, drop_last=True)
         arch = preset(args.model, len(dataset.names))
         model = build_model(arch).train()
-        optimizer = build_optimizer(model, TrainConfig(epochs=1, batch=args.batch, optimizer="SGD"))
+        optimizer = build_optimizer(model, train)
         loss_fn = YOLOv5Loss(arch, image_size=args.imgsz)
         images, targets, mask, _ = next(iter(loader))  # real padded targets for the model_loss variant
         random_images = torch.rand(args.batch, 3, args.imgsz, args.imgsz)
@@ -97,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{row['overhead_vs_model_only']:>9.1%}")
     settings = {"model": args.model, "imgsz": args.imgsz, "batch": args.batch, "dtype": "fp32", "device": "cpu",
                 "workers": args.workers, "steps": args.steps, "statistic": "median",
-                "augmentation": "mosaic 1.0 + affine + HSV + fliplr (LoaderSpec defaults)"}
+                "augmentation": "params.yaml train.loader (mosaic, affine, HSV, flips)"}
     write_result(args.out, "train_throughput", settings, rows, goal="full <= 1.10 x model_only")
     return 0
 

@@ -36,7 +36,8 @@ import yaml
 
 from yolofps import device as dev
 from yolofps.bench.environment import write_result
-from yolofps.data.dataset import LoaderSpec, YoloDataset, build_loader
+from yolofps.config import load_config
+from yolofps.data.dataset import YoloDataset, build_loader
 from yolofps.engine.predict import evaluate_pipeline
 from yolofps.model.upstream import ImportedCheckpoint, import_checkpoint
 from yolofps.runtime import Deployment, eval_pipeline
@@ -71,7 +72,8 @@ def upstream_val(python: str, weights: Path, data_yaml: Path, imgsz: int) -> dic
 def yolofps_val(imported: ImportedCheckpoint, data_yaml: Path, imgsz: int, *, multi_label: bool) -> dict:
     """The imported model through yolofps's evaluation (square letterbox, faster-coco-eval), ultralytics settings;
     `multi_label` as yolofps measures mAP (and val.py does), or single-label as it deploys."""
-    dataset = YoloDataset(data_yaml, "val", LoaderSpec(image_size=imgsz), train=False)
+    dataset = YoloDataset(data_yaml, "val", imgsz, load_config(PROJECT_ROOT / "params.yaml").train.loader,
+                          train=False)
     info = dev.resolve("cpu", amp=False)
     settings = Deployment(imgsz, conf=0.001, iou=0.6, max_det=300, multi_label=multi_label)
     result, _ = evaluate_pipeline(eval_pipeline(imported.model, info, settings),

@@ -19,7 +19,7 @@ PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TINY_PARAMS = {
     "data.num_train": 12, "data.num_val": 4, "data.image_size": 96, "augment.copies": 1,
     "train.model": "tiny", "train.epochs": 2, "train.imgsz": 64, "train.batch": 8, "train.workers": 0,
-    "train.sample_images": 4, "mlflow.system_metrics": False,
+    "eval.sample_images": 4, "mlflow.system_metrics": False,
     "prune.ratios": [0.5], "prune.finetune_epochs": 1, "distill.epochs": 1, "quantize.calibration_images": 4,
     "bench.modes": ["eager", "trace", "onnxruntime", "openvino"], "bench.runs": 3, "bench.warmup": 1, "bench.batch_sizes": [1, 2],
     "bench.throughput_runs": 1, "bench.check_images": 2,

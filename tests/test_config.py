@@ -5,15 +5,33 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from helpers import PROJECT_ROOT
-from yolofps.config import Config, ConfigError, TransformSpec, load_config, parse_override
+from yolofps.config import Config, ConfigError, TransformSpec, load_config, parse_override, read_params
 
 
 def write(tmp_path: Path, text: str) -> Path:
+    """A params file: the project's with `text` merged over it (section by section), or `text` as it is when it is
+    not a YAML mapping (the malformed-file tests)."""
     path = tmp_path / "params.yaml"
-    path.write_text(text)
+    try:
+        changes = yaml.safe_load(text)
+    except yaml.YAMLError:
+        changes = None
+    if not isinstance(changes, dict):
+        path.write_text(text)
+        return path
+    path.write_text(yaml.safe_dump(merged(read_params(PROJECT_ROOT / "params.yaml"), changes), sort_keys=False))
     return path
+
+
+def merged(base: dict, changes: dict) -> dict:
+    out = dict(base)
+    for key, value in changes.items():
+        both_sections = isinstance(value, dict) and isinstance(out.get(key), dict) and value
+        out[key] = merged(out[key], value) if both_sections else value
+    return out
 
 
 def test_project_params_load_with_every_section():
@@ -105,10 +123,10 @@ def test_malformed_yaml_names_file_line_and_column(tmp_path):
     ("train.imgsz=100", "train.imgsz"),
     ("train.imgsz=0", "train.imgsz"),
     ("train.batch=0", "train.batch"),
-    ("train.momentum=1.5", "train.momentum"),
-    ("train.weight_decay=-0.1", "train.weight_decay"),
+    ("train.optim.momentum=1.5", "train.optim.momentum"),
+    ("train.optim.weight_decay=-0.1", "train.optim.weight_decay"),
     ("train.resume=1", "train.resume"),
-    ("train.optimizer=true", "train.optimizer"),  # a Literal: true is not the string "true"
+    ("train.optim.optimizer=true", "train.optim.optimizer"),  # a Literal: true is not the string "true"
     ("prune.ratios=[1.0]", "prune.ratios"),
     ("prune.ratios=[0.0]", "prune.ratios"),
     ("prune.ratios=[0.5, 0.5]", "prune.ratios"),
@@ -120,8 +138,8 @@ def test_malformed_yaml_names_file_line_and_column(tmp_path):
     ("mlflow.tracking_uri=", "mlflow.tracking_uri"),
     ("device=tpu", "device"),
     ("data.val_fraction=1", "data.val_fraction"),
-    ("train.lr0=.inf", "train.lr0"),  # non-finite numbers: refused at load, before a NaN loss trains for an hour
-    ("train.warmup_bias_lr=.nan", "train.warmup_bias_lr"),
+    ("train.optim.lr0=.inf", "train.optim.lr0"),  # non-finite numbers: refused at load, before a NaN loss trains for an hour
+    ("train.optim.warmup_bias_lr=.nan", "train.optim.warmup_bias_lr"),
     ("prune.ratios=[.nan]", r"prune.ratios\[0\]"),
     ("seed=-1", "seed"),  # numpy and the loaders take 32-bit seeds: these failed as "unexpected error" (issue 20)
     ("seed=4294967296", "seed"),
@@ -141,10 +159,57 @@ def test_impossible_values_name_the_key(override, key):
 def test_the_cli_stops_before_any_work_with_one_message_and_exit_2(tmp_path, monkeypatch, capsys, text, key):
     from yolofps import cli
 
-    (tmp_path / "params.yaml").write_bytes(text.encode("latin-1"))
+    if text.isascii():
+        write(tmp_path, text)  # a whole params file with this one change
+    else:
+        (tmp_path / "params.yaml").write_bytes(text.encode("latin-1"))  # not UTF-8 at all
     monkeypatch.chdir(tmp_path)
     assert cli.main(["train"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("yolofps: error:") and key in err and "Traceback" not in err
     assert err.count("\n") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # nothing was written
+
+
+def _keys(section: dict, prefix: str = "") -> list[str]:
+    """Every dotted key of params.yaml, sections and values alike (a list such as augment.transforms is a value)."""
+    keys = []
+    for name, value in section.items():
+        keys.append(prefix + name)
+        if isinstance(value, dict) and not prefix.startswith("augment.transforms"):
+            keys += _keys(value, f"{prefix}{name}.")
+    return keys
+
+
+PARAMS_KEYS = _keys(read_params(PROJECT_ROOT / "params.yaml"))
+
+
+def test_every_config_field_is_a_params_key_and_no_field_has_a_default():
+    """One owner per value: params.yaml. A dataclass default would be a second, silent one."""
+    import dataclasses
+
+    cfg = load_config(PROJECT_ROOT / "params.yaml")
+    stack = [("", cfg)]
+    while stack:
+        prefix, obj = stack.pop()
+        for f in dataclasses.fields(obj):
+            assert f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING, prefix + f.name
+            assert prefix + f.name in PARAMS_KEYS, f"{prefix}{f.name} has no key in params.yaml"
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value) and not isinstance(value, TransformSpec):
+                stack.append((f"{prefix}{f.name}.", value))
+
+
+@pytest.mark.parametrize("key", PARAMS_KEYS)
+def test_removing_any_params_key_is_an_error_naming_it(tmp_path, key):
+    raw = read_params(PROJECT_ROOT / "params.yaml")
+    *parents, name = key.split(".")
+    section = raw
+    for part in parents:
+        section = section[part]
+    del section[name]
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert f"missing key {key} " in str(err.value) and str(path) in str(err.value)

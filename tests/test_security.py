@@ -136,7 +136,7 @@ def test_a_password_in_the_tracking_uri_is_refused_by_the_config(tmp_path):
         with pytest.raises(ConfigError, match="mlflow.tracking_uri must not contain a password") as err:
             load_config(PROJECT_ROOT / "params.yaml", [f"mlflow.tracking_uri={uri}"])
         assert "hunter2" not in str(err.value) and "MLFLOW_TRACKING_PASSWORD" in str(err.value)
-    assert MLflowConfig(tracking_uri="https://alice@mlflow.example.com").tracking_uri  # a user name alone is fine
+    assert MLflowConfig("https://alice@mlflow.example.com", "yolofps", False).tracking_uri  # a user name alone is fine
 
 
 def test_redaction_of_uris():
@@ -151,7 +151,7 @@ def test_tracking_never_writes_a_credential_to_params_tags_or_logs(tmp_path, cap
     from mlflow import MlflowClient
 
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    cfg = MLflowConfig(tracking_uri=store, system_metrics=False)
+    cfg = MLflowConfig(tracking_uri=store, experiment="yolofps", system_metrics=False)
     secret = {"remote": "s3://bucket/data?X-Amz-Signature=hunter2", "db": "postgresql://app:hunter2@db/mlflow"}
     with TrackingRun(cfg, run_name="secrets", params={"data": secret}, tags={"origin": secret["db"]}) as run:
         run_id = run.run_id
@@ -161,7 +161,7 @@ def test_tracking_never_writes_a_credential_to_params_tags_or_logs(tmp_path, cap
 
     closed = _closed_port()  # a server that is down: the warning names it and training goes on
     with caplog.at_level(logging.WARNING, logger="yolofps.registry"):
-        down = TrackingRun(MLflowConfig(tracking_uri=f"http://127.0.0.1:{closed}", system_metrics=False),
+        down = TrackingRun(MLflowConfig(f"http://127.0.0.1:{closed}", "yolofps", False),
                            run_name="x", params={"data": secret}, tags={})
     assert not down.active and "tracking unavailable" in caplog.text and "hunter2" not in caplog.text
 

@@ -208,7 +208,7 @@ def wrap_ddp(model: torch.nn.Module, info: DeviceInfo, *, sync_bn: bool) -> torc
     if sync_bn and info.kind == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     elif sync_bn and info.is_main:
-        print("train.sync_bn: SyncBatchNorm needs CUDA; BatchNorm statistics stay per process on CPU", flush=True)
+        print("train.distributed.sync_bn: SyncBatchNorm needs CUDA; BatchNorm statistics stay per process on CPU", flush=True)
     device_ids = [info.device.index] if info.kind == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 

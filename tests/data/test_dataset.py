@@ -6,15 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-from yolofps.config import DEFAULT_TRANSFORMS, TransformSpec
+from configs import loader_config, project_config, train_config
+from yolofps.config import LoaderConfig, TransformSpec
 from yolofps.data import augment, formats
-from yolofps.data.dataset import (LoaderSpec, YoloDataset, build_loader, collate, letterbox, letterbox_rows,
+from yolofps.data.dataset import (YoloDataset, build_loader, collate, letterbox, letterbox_rows,
                                   pad_targets, train_pipeline)
 from yolofps.errors import ConfigError, DataSetError
 
 SIZE = 64
 # stronger geometry than the defaults, so boxes really get cut, rotated and dropped
-HARSH = LoaderSpec(image_size=SIZE, max_boxes=8, translate=0.2, scale=0.5, degrees=15, shear=5, flipud=0.5)
+HARSH = loader_config({"max_boxes": 8, "mosaic": 1.0, "translate": 0.2, "scale": 0.5, "degrees": 15, "shear": 5,
+                       "flipud": 0.5})
+DEFAULT_TRANSFORMS = project_config().augment.transforms
 
 
 @pytest.mark.parametrize("height, width", [(60, 120), (150, 50)])
@@ -44,7 +47,7 @@ def _label_rows(dataset: YoloDataset, index: int) -> np.ndarray:
 
 
 def test_eval_samples_have_exact_shapes_and_boxes_map_back(tiny_synthetic):
-    dataset = YoloDataset(tiny_synthetic, "train", LoaderSpec(image_size=SIZE, max_boxes=8), train=False)
+    dataset = YoloDataset(tiny_synthetic, "train", SIZE, loader_config({"max_boxes": 8}), train=False)
     backgrounds = 0
     for index in range(len(dataset)):
         image, targets, mask, meta = dataset[index]
@@ -66,9 +69,9 @@ def test_eval_samples_have_exact_shapes_and_boxes_map_back(tiny_synthetic):
     assert backgrounds > 0, "the tiny set should include a background image"
 
 
-def _assert_valid_sample(sample, spec: LoaderSpec, num_classes: int) -> None:
+def _assert_valid_sample(sample, spec: LoaderConfig, num_classes: int) -> None:
     image, targets, mask, _ = sample
-    assert image.shape == (3, spec.image_size, spec.image_size) and image.dtype == torch.uint8
+    assert image.shape == (3, SIZE, SIZE) and image.dtype == torch.uint8
     assert targets.shape == (spec.max_boxes, 5) and mask.shape == (spec.max_boxes,)
     assert (targets[~mask] == 0).all()
     valid = targets[mask].numpy()
@@ -81,7 +84,7 @@ def _assert_valid_sample(sample, spec: LoaderSpec, num_classes: int) -> None:
                                                                                               "p": 0.5}),)])
 def test_train_samples_stay_valid_with_and_without_mosaic(tiny_synthetic, extra):
     for seed in range(3):
-        dataset = YoloDataset(tiny_synthetic, "train", HARSH, train=True, extra_transforms=extra, seed=seed)
+        dataset = YoloDataset(tiny_synthetic, "train", SIZE, HARSH, train=True, extra_transforms=extra, seed=seed)
         boxes = 0
         for mosaic in (True, False):
             dataset.set_mosaic(mosaic)
@@ -95,8 +98,9 @@ def test_train_samples_stay_valid_with_and_without_mosaic(tiny_synthetic, extra)
 
 def test_flips_are_independent_draws():
     """Compose(seed=) would give every transform the same stream: flips would only ever happen together."""
-    spec = LoaderSpec(image_size=SIZE, scale=0, translate=0, hsv_h=0, hsv_s=0, hsv_v=0, fliplr=0.5, flipud=0.5)
-    pipeline = train_pipeline(spec, (), mosaic=False)
+    spec = loader_config({"scale": 0, "translate": 0, "degrees": 0, "shear": 0, "hsv_h": 0, "hsv_s": 0, "hsv_v": 0,
+                          "fliplr": 0.5, "flipud": 0.5})
+    pipeline = train_pipeline(SIZE, spec, (), mosaic=False)
     augment.seed_pipeline(pipeline, 0)
     image = np.zeros((SIZE, SIZE, 3), np.uint8)
     image[:8, :8] = 255  # a marker in the top-left corner shows which flips happened
@@ -111,12 +115,12 @@ def test_flips_are_independent_draws():
 
 
 def test_an_image_with_more_boxes_than_max_boxes_is_refused_by_name(tiny_synthetic):
-    """Issue 20: boxes beyond train.max_boxes were cut without a word; now the loader refuses to start."""
+    """Issue 20: boxes beyond train.loader.max_boxes were cut without a word; now the loader refuses to start."""
     most = max(len(formats.read_labels(p)) for p in (tiny_synthetic.parent / "labels" / "train").glob("*.txt"))
     assert most > 2
-    with pytest.raises(ConfigError, match=rf"train.max_boxes is 2 but .*labels/train/.*\.txt has {most} boxes"):
-        YoloDataset(tiny_synthetic, "train", LoaderSpec(image_size=SIZE, max_boxes=2), train=False)
-    dataset = YoloDataset(tiny_synthetic, "train", LoaderSpec(image_size=SIZE, max_boxes=most), train=False)
+    with pytest.raises(ConfigError, match=rf"train.loader.max_boxes is 2 but .*labels/train/.*\.txt has {most} boxes"):
+        YoloDataset(tiny_synthetic, "train", SIZE, loader_config({"max_boxes": 2}), train=False)
+    dataset = YoloDataset(tiny_synthetic, "train", SIZE, loader_config({"max_boxes": most}), train=False)
     assert all(dataset[i][3]["truncated"] == 0 for i in range(len(dataset)))
 
 
@@ -132,7 +136,7 @@ def _first_batch(dataset: YoloDataset, seed: int, shuffle: bool = True):
 
 def test_loader_seed_fixes_batches(tiny_synthetic):
     def fresh() -> YoloDataset:
-        return YoloDataset(tiny_synthetic, "train", HARSH, train=True, seed=123)
+        return YoloDataset(tiny_synthetic, "train", SIZE, HARSH, train=True, seed=123)
 
     reused = fresh()
     first, again, reused_again = _first_batch(fresh(), 0), _first_batch(fresh(), 0), _first_batch(reused, 0)
@@ -147,7 +151,7 @@ def test_loader_seed_fixes_batches(tiny_synthetic):
 
 
 def test_worker_loader_shapes_and_close_mosaic(tiny_synthetic):
-    dataset = YoloDataset(tiny_synthetic, "train", HARSH, train=True)
+    dataset = YoloDataset(tiny_synthetic, "train", SIZE, HARSH, train=True)
     loader = build_loader(dataset, 3, shuffle=True, workers=2, seed=0)
     images, targets, mask, metas = next(iter(loader))
     assert images.shape == (3, 3, SIZE, SIZE) and images.dtype == torch.uint8
@@ -158,8 +162,8 @@ def test_worker_loader_shapes_and_close_mosaic(tiny_synthetic):
 
 
 def test_collate_stacks_samples_and_cache_changes_nothing(tiny_synthetic):
-    dataset = YoloDataset(tiny_synthetic, "val", LoaderSpec(image_size=SIZE, max_boxes=4), train=False)
-    cached = YoloDataset(tiny_synthetic, "val", LoaderSpec(image_size=SIZE, max_boxes=4), train=False, cache=True)
+    dataset = YoloDataset(tiny_synthetic, "val", SIZE, loader_config({"max_boxes": 4}), train=False)
+    cached = YoloDataset(tiny_synthetic, "val", SIZE, loader_config({"max_boxes": 4}), train=False, cache=True)
     images, targets, mask, metas = collate([dataset[0], dataset[1]])
     assert torch.equal(images, collate([cached[0], cached[1]])[0])
     assert images.shape == (2, 3, SIZE, SIZE) and targets.shape == (2, 4, 5) and mask.shape == (2, 4)
@@ -167,9 +171,12 @@ def test_collate_stacks_samples_and_cache_changes_nothing(tiny_synthetic):
 
 
 def test_bad_settings_and_splits_fail_loudly(tiny_synthetic):
-    with pytest.raises(ConfigError, match="multiple of 32"):
-        LoaderSpec(image_size=100)
-    with pytest.raises(ConfigError, match="fliplr"):
-        LoaderSpec(fliplr=1.5)
+    """Loader settings are checked once, when params.yaml is read, and the message names the params key."""
+    with pytest.raises(ConfigError, match=r"params\.yaml: train\.imgsz must be a positive multiple of 32"):
+        train_config({"imgsz": 100})
+    with pytest.raises(ConfigError, match=r"params\.yaml: train\.loader\.fliplr must be in \[0, 1\], got 1\.5"):
+        loader_config({"fliplr": 1.5})
+    with pytest.raises(ConfigError, match=r"train\.loader\.scale must be in \[0, 1\)"):
+        loader_config({"scale": 1.5})
     with pytest.raises(DataSetError, match="no split 'test'"):
-        YoloDataset(tiny_synthetic, "test", LoaderSpec(), train=False)
+        YoloDataset(tiny_synthetic, "test", SIZE, loader_config(), train=False)

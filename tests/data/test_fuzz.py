@@ -21,7 +21,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from yolofps.data import augment, formats, validate
-from yolofps.data.dataset import LoaderSpec, YoloDataset
+from configs import loader_config
+from yolofps.data.dataset import YoloDataset
 from yolofps.errors import DataSetError
 from yolofps.stages.data import write_prepared
 
@@ -34,6 +35,8 @@ IMAGE = np.zeros((50, 70, 3), np.uint8)
 NUMBER_TOKENS = ["0", "1", "2", "3", "-1", "0.5", "0.0", "-0.0", "1e-9", "1e308", "1e400", "-1e400", "nan", "inf",
                  "-inf", "0x10", "1_0", "0.999999", "1.000001", "+0.5", ".5", "5.", "2.0", "99999999999999999999"]
 JUNK_TOKENS = ["", "a", "#", "0,5", "0.5.5", "None", "\x00", "é", "١", "\u00a0", "\ufeff0", "0\r"]
+
+LOADER = loader_config({"max_boxes": 16})  # read once: hypothesis runs the test body many times
 
 
 # a box at the image's border: just inside, straddling, or just outside it (within data.clip_tolerance or not)
@@ -116,7 +119,7 @@ def test_validator_and_loader_survive_any_label_file(dataset, text):
     assert validated.report.counts["train/images"] == 1  # a bad label never costs the image itself
     with tempfile.TemporaryDirectory() as out:
         write_prepared(validated, Path(out))
-        loader_set = YoloDataset(Path(out) / "data.yaml", "train", LoaderSpec(image_size=64, max_boxes=16), train=False)
+        loader_set = YoloDataset(Path(out) / "data.yaml", "train", 64, LOADER, train=False)
         image, targets, mask, _ = loader_set[0]
         assert image.shape == (3, 64, 64) and targets.shape == (16, 5) and mask.shape == (16,)
         assert bool(targets.isfinite().all()) and int(mask.sum()) == len(validated.splits["train"][0].rows)

@@ -13,17 +13,18 @@ import torch
 from torch import nn
 
 from yolofps import device as dev
-from yolofps.config import TrainConfig
 from yolofps.data import synthetic
-from yolofps.data.dataset import LoaderSpec, YoloDataset, build_loader
+from yolofps.data.dataset import YoloDataset, build_loader
 from yolofps.engine.train import fit
 from yolofps.model.loss import YOLOv5Loss
 from yolofps.model.spec import preset
 from yolofps.model.yolo import build_model
 from yolofps.stages.train import DetectionObjective
 
-PLAIN = LoaderSpec(image_size=64, max_boxes=8, mosaic=0.0, hsv_h=0.0, hsv_s=0.0, hsv_v=0.0, translate=0.0,
-                   scale=0.0, fliplr=0.0)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: torchrun starts this file as a script
+from configs import PLAIN_LOADER, loader_config, train_config  # noqa: E402
+
+PLAIN = loader_config(PLAIN_LOADER)
 
 
 def without_batchnorm(module: nn.Module) -> nn.Module:
@@ -42,12 +43,12 @@ def main(out: str, data_root: str) -> None:
         min_visible=0.5), seed=3) if info.is_main else None
     dev.barrier(info)
     data_yaml = dev.broadcast_object(data_yaml, info)
-    dataset = YoloDataset(data_yaml, "train", PLAIN, train=True, seed=0)
+    dataset = YoloDataset(data_yaml, "train", 64, PLAIN, train=True, seed=0)
     arch = preset("tiny", len(dataset.names))
     model = without_batchnorm(build_model(arch))
     initial = {k: v.clone() for k, v in model.state_dict().items()}
-    loop = TrainConfig(epochs=3, batch=4, optimizer="SGD", lr0=0.01, warmup_epochs=0, nominal_batch=4, ema=False,
-                       close_mosaic=0)
+    loop = train_config({"epochs": 3, "batch": 4, "optim.optimizer": "SGD", "optim.lr0": 0.01, "optim.warmup_epochs": 0,
+                         "optim.nominal_batch": 4, "optim.ema": False, "loader.close_mosaic": 0})
     per_process = loop.batch // info.world_size
 
     def make_loader(epoch, mosaic):

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from yolofps import device as dev
-from yolofps.config import TrainConfig
+from configs import train_config
 from yolofps.engine.train import build_optimizer
 from yolofps.model.loss import YOLOv5Loss
 from yolofps.model.spec import preset
@@ -21,7 +21,7 @@ def test_amp_channels_last_train_step():
     assert info.amp_dtype in (torch.bfloat16, torch.float16) and torch.backends.cudnn.benchmark
     arch = preset("tiny", 4)
     model = dev.prepare_model(build_model(arch), info).train()
-    optimizer = build_optimizer(model, TrainConfig(epochs=1, batch=4, optimizer="SGD"))
+    optimizer = build_optimizer(model, train_config({"epochs": 1, "batch": 4, "optim.optimizer": "SGD"}))
     scaler = dev.grad_scaler(info)
     images = dev.to_device(torch.randint(0, 255, (4, 3, 64, 64), dtype=torch.uint8), info)
     assert images.is_contiguous(memory_format=torch.channels_last)

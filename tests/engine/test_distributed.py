@@ -15,26 +15,26 @@ from pathlib import Path
 import pytest
 import torch
 
+from configs import PLAIN_LOADER, loader_config
 from helpers import PROJECT_ROOT, TINY_PARAMS, run_cmd
 from yolofps import device as dev
 from yolofps.config import load_config
-from yolofps.data.dataset import LoaderSpec, YoloDataset, build_loader
+from yolofps.data.dataset import YoloDataset, build_loader
 from yolofps.engine import checkpoint
 from yolofps.paths import Paths
 from yolofps.stages import augment, data, train
 
 # no random augmentation: both runs must see the same pixels, so only the process split differs
-PLAIN = {"train.mosaic": 0.0, "train.hsv_h": 0.0, "train.hsv_s": 0.0, "train.hsv_v": 0.0, "train.translate": 0.0,
-         "train.scale": 0.0, "train.fliplr": 0.0}
+PLAIN = {f"train.loader.{key}": value for key, value in PLAIN_LOADER.items() if key != "max_boxes"}
 # a real learning rate from the first step, so the trajectories move and a missing gradient all-reduce shows
-PARAMS = TINY_PARAMS | PLAIN | {"data.num_train": 8, "augment.copies": 0, "train.batch": 4, "train.nominal_batch": 4,
-                                "train.sample_images": 2, "train.ema": False, "train.epochs": 3,
-                                "train.optimizer": "SGD", "train.lr0": 0.05, "train.warmup_epochs": 0}
+PARAMS = TINY_PARAMS | PLAIN | {"data.num_train": 8, "augment.copies": 0, "train.batch": 4, "train.epochs": 3,
+                                "train.optim.nominal_batch": 4, "train.optim.ema": False, "train.optim.optimizer": "SGD",
+                                "train.optim.lr0": 0.05, "train.optim.warmup_epochs": 0, "eval.sample_images": 2}
 
 
 def _run(root, processes: int):
     cfg = load_config(PROJECT_ROOT / "params.yaml", PARAMS | {"mlflow.tracking_uri": f"sqlite:///{root / 'mlflow.db'}",
-                                                              "train.nproc_per_node": processes})
+                                                              "train.distributed.nproc_per_node": processes})
     paths = Paths(root)
     data.run(cfg, paths)
     augment.run(cfg, paths)
@@ -114,8 +114,7 @@ def test_sharded_loader_splits_each_global_batch(tmp_path):
     spec = synthetic.SyntheticSpec(num_train=8, num_val=1, image_size=64, min_aspect=1.0, max_objects=2,
                                    background_fraction=0.0, min_visible=0.5)
     data_yaml = synthetic.generate(tmp_path, spec, seed=1)
-    loader_spec = LoaderSpec(image_size=64, max_boxes=4, mosaic=0.0)
-    dataset = YoloDataset(data_yaml, "train", loader_spec, train=False)
+    dataset = YoloDataset(data_yaml, "train", 64, loader_config({"max_boxes": 4}), train=False)
 
     def paths_of(loader):
         return [[meta["path"] for meta in metas] for _, _, _, metas in loader]

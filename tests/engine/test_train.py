@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
@@ -10,9 +9,9 @@ import torch
 
 from yolofps import device as dev
 from yolofps.data import synthetic
-from yolofps.data.dataset import LoaderSpec, YoloDataset, build_loader
+from configs import PLAIN_LOADER, loader_config, replaced, train_config
+from yolofps.data.dataset import YoloDataset, build_loader
 from yolofps.engine.predict import evaluate_model, fitness
-from yolofps.config import TrainConfig
 from yolofps.engine.train import TrainingDivergedError, fit, lr_factor
 from yolofps.model.loss import YOLOv5Loss
 from yolofps.model.spec import preset
@@ -21,8 +20,7 @@ from yolofps.stages.train import DetectionObjective
 
 CPU = dev.resolve("cpu")
 # no augmentation: the point is to check the optimizer, loss and evaluation agree
-PLAIN = LoaderSpec(image_size=64, max_boxes=8, mosaic=0.0, hsv_h=0.0, hsv_s=0.0, hsv_v=0.0, translate=0.0,
-                   scale=0.0, fliplr=0.0)
+PLAIN = loader_config(PLAIN_LOADER)
 
 
 @pytest.fixture(scope="module")
@@ -34,13 +32,13 @@ def four_images(tmp_path_factory):
 
 def _setup(data_yaml, epochs, seed=0):
     dev.seed_everything(seed)
-    dataset = YoloDataset(data_yaml, "train", PLAIN, train=True, seed=seed)
-    eval_loader = build_loader(YoloDataset(data_yaml, "train", PLAIN, train=False), 4, shuffle=False, workers=0)
+    dataset = YoloDataset(data_yaml, "train", 64, PLAIN, train=True, seed=seed)
+    eval_loader = build_loader(YoloDataset(data_yaml, "train", 64, PLAIN, train=False), 4, shuffle=False, workers=0)
     arch = preset("tiny", len(dataset.names))
     model = build_model(arch)
     objective = DetectionObjective(YOLOv5Loss(arch, image_size=64))
-    loop = TrainConfig(epochs=epochs, batch=4, optimizer="SGD", lr0=0.02, warmup_epochs=0, nominal_batch=4, ema=False,
-                       close_mosaic=0)
+    loop = train_config({"epochs": epochs, "batch": 4, "optim.optimizer": "SGD", "optim.lr0": 0.02,
+                         "optim.warmup_epochs": 0, "optim.nominal_batch": 4, "optim.ema": False, "loader.close_mosaic": 0})
 
     def make_loader(epoch, mosaic):
         return build_loader(dataset, 4, shuffle=True, workers=0, seed=seed + epoch)
@@ -53,7 +51,7 @@ def _setup(data_yaml, epochs, seed=0):
 
 def test_tiny_model_overfits_four_images(four_images):
     model, objective, make_loader, evaluate, loop = _setup(four_images, epochs=300)  # 1 step per epoch
-    loop = dataclasses.replace(loop, lr0=0.1, patience=10_000)
+    loop = replaced(loop, {"optim.lr0": 0.1, "patience": 10_000})
     evaluate_every = lambda m: {}  # noqa: E731  evaluation only at the end keeps this test fast
     trained, state = fit(model, objective, make_loader, evaluate_every, loop, CPU,
                          on_epoch_end=lambda *a: None, fitness=lambda m: 0.0)
@@ -94,7 +92,7 @@ def test_a_diverging_run_stops_with_a_named_error_and_keeps_the_last_good_epoch(
     """lr0 1e6 with plain SGD blows the weights up after the first step: the loop stops at the first non-finite
     epoch loss, before that epoch reaches on_epoch_end (which writes the checkpoints)."""
     model, objective, make_loader, evaluate, loop = _setup(four_images, epochs=20)
-    loop = dataclasses.replace(loop, lr0=1e6, grad_clip=0.0)
+    loop = replaced(loop, {"optim.lr0": 1e6, "optim.grad_clip": 0.0})
     saved = []
     with pytest.raises(TrainingDivergedError, match="not finite; the last good checkpoint") as err:
         fit(model, objective, make_loader, lambda m: {}, loop, CPU,
@@ -104,8 +102,8 @@ def test_a_diverging_run_stops_with_a_named_error_and_keeps_the_last_good_epoch(
 
 
 def test_lr_schedule_decays_to_lrf():
-    linear = TrainConfig(epochs=10, batch=4, lr0=0.01, lrf=0.1)
-    cosine = TrainConfig(epochs=10, batch=4, lr0=0.01, lrf=0.1, cos_lr=True)
+    linear = train_config({"epochs": 10, "batch": 4, "optim.lr0": 0.01, "optim.lrf": 0.1, "optim.cos_lr": False})
+    cosine = replaced(linear, {"optim.cos_lr": True})
     for spec in (linear, cosine):
         assert lr_factor(spec, 0) == pytest.approx(1.0) and lr_factor(spec, 10) == pytest.approx(0.1)
     assert lr_factor(cosine, 2) > lr_factor(linear, 2)
@@ -115,7 +113,8 @@ def test_optimizer_groups_follow_yolov5():
     from yolofps.engine.train import build_optimizer
 
     model = build_model(preset("tiny", 2))
-    optimizer = build_optimizer(model, TrainConfig(epochs=1, batch=16, optimizer="SGD"))
+    optimizer = build_optimizer(model, train_config({"epochs": 1, "batch": 16, "optim.optimizer": "SGD",
+                                                             "optim.momentum": 0.937}))
     decayed, norms, biases = optimizer.param_groups
     assert decayed["weight_decay"] > 0 and norms["weight_decay"] == 0 and biases["weight_decay"] == 0
     assert optimizer.defaults["nesterov"] and optimizer.defaults["momentum"] == 0.937
@@ -138,13 +137,14 @@ def test_auto_optimizer_follows_ultralytics():
     model = build_model(preset("tiny", 2))
     from yolofps.engine.train import build_optimizer
 
-    adam = build_optimizer(model, TrainConfig(epochs=1, batch=16, optimizer="AdamW", lr0=0.001))
+    adam = build_optimizer(model, train_config({"epochs": 1, "batch": 16, "optim.optimizer": "AdamW",
+                                                        "optim.lr0": 0.001}))
     assert isinstance(adam, torch.optim.AdamW) and len(adam.param_groups) == 3
 
 
 def test_time_limit_stops_after_the_current_step_and_still_saves(four_images):
     model, objective, make_loader, evaluate, loop = _setup(four_images, epochs=50)
-    loop = dataclasses.replace(loop, batch=2, nominal_batch=2, time_limit_min=1e-6)  # 2 steps per epoch
+    loop = replaced(loop, {"batch": 2, "optim.nominal_batch": 2, "time_limit_min": 1e-6})  # 2 steps per epoch
     ends = []
     _, state = fit(model, objective, make_loader, evaluate, loop, CPU,
                    on_epoch_end=lambda m, s, end: ends.append((end.stop, end.resume_state())), fitness=fitness)

@@ -19,9 +19,10 @@ pytestmark = pytest.mark.xla
 
 from helpers import PROJECT_ROOT, TINY_PARAMS  # noqa: E402
 from yolofps import device as dev  # noqa: E402
-from yolofps.config import TrainConfig, load_config  # noqa: E402
+from configs import PLAIN_LOADER, loader_config, train_config  # noqa: E402
+from yolofps.config import load_config  # noqa: E402
 from yolofps.data import synthetic  # noqa: E402
-from yolofps.data.dataset import LoaderSpec, YoloDataset, build_loader  # noqa: E402
+from yolofps.data.dataset import YoloDataset, build_loader  # noqa: E402
 from yolofps.engine import checkpoint  # noqa: E402
 from yolofps.engine.train import fit  # noqa: E402
 from yolofps.model.loss import YOLOv5Loss  # noqa: E402
@@ -29,8 +30,7 @@ from yolofps.model.spec import preset  # noqa: E402
 from yolofps.model.yolo import build_model  # noqa: E402
 from yolofps.stages.train import DetectionObjective  # noqa: E402
 
-PLAIN = LoaderSpec(image_size=64, max_boxes=8, mosaic=0.0, hsv_h=0.0, hsv_s=0.0, hsv_v=0.0, translate=0.0,
-                   scale=0.0, fliplr=0.0)
+PLAIN = loader_config(PLAIN_LOADER)
 
 
 @pytest.fixture(scope="module")
@@ -49,13 +49,13 @@ def test_resolve_xla_is_bf16_without_scaler():
 def test_training_steps_settle_and_checkpoint_loads_on_cpu(eight_images, tmp_path):
     info = dev.resolve("xla")
     dev.seed_everything(0)
-    dataset = YoloDataset(eight_images, "train", PLAIN, train=True, seed=0)
+    dataset = YoloDataset(eight_images, "train", 64, PLAIN, train=True, seed=0)
     arch = preset("tiny", len(dataset.names))
     model = build_model(arch)
     objective = DetectionObjective(YOLOv5Loss(arch, image_size=64))
     # 4 epochs x 2 steps; warm-up over the first 4 steps, so the lr changes every step (it must not recompile)
-    loop = TrainConfig(epochs=4, batch=4, optimizer="SGD", lr0=0.02, warmup_epochs=2, nominal_batch=4, ema=True,
-                       close_mosaic=0)
+    loop = train_config({"epochs": 4, "batch": 4, "optim.optimizer": "SGD", "optim.lr0": 0.02, "optim.warmup_epochs": 2,
+                         "optim.nominal_batch": 4, "optim.ema": True, "loader.close_mosaic": 0})
     saved = {}
 
     def on_epoch_end(eval_model, state, end):
@@ -95,7 +95,7 @@ def test_train_stage_runs_on_xla(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     cfg = load_config(PROJECT_ROOT / "params.yaml", TINY_PARAMS | {
         "device": "xla", "mlflow.tracking_uri": uri, "data.num_train": 8, "augment.copies": 0,
-        "train.batch": 4, "train.sample_images": 2})
+        "train.batch": 4, "eval.sample_images": 2})
     paths = Paths(tmp_path)
     data.run(cfg, paths)
     augment.run(cfg, paths)

@@ -12,7 +12,8 @@ import torch
 
 from yolofps import device as dev
 from yolofps.data import synthetic
-from yolofps.data.dataset import LoaderSpec, YoloDataset, build_loader
+from configs import loader_config
+from yolofps.data.dataset import YoloDataset, build_loader
 from yolofps.engine.predict import predict
 from yolofps.model.spec import preset
 from yolofps.model.yolo import YOLOv5, build_model
@@ -140,7 +141,7 @@ def test_naive_int8_breaks_the_scores(fp32_path: Path, int8: tuple[Path, dict], 
 
 
 def test_ort_backend_in_predict(model: YOLOv5, fp32_path: Path, data_yaml: Path) -> None:
-    loader = build_loader(YoloDataset(data_yaml, "val", LoaderSpec(image_size=SIZE), train=False), 2,
+    loader = build_loader(YoloDataset(data_yaml, "val", SIZE, loader_config(), train=False), 2,
                           shuffle=False, workers=0)
     info = dev.resolve("cpu")
     settings = Deployment(SIZE, conf=0.25, iou=0.6, max_det=100)

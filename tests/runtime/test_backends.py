@@ -13,7 +13,8 @@ import torch
 from yolofps import device as dev
 from yolofps.bench.measure import agreement
 from yolofps.data import synthetic
-from yolofps.data.dataset import LoaderSpec, YoloDataset, build_loader
+from configs import loader_config
+from yolofps.data.dataset import YoloDataset, build_loader
 from yolofps.engine.predict import predict
 from yolofps.model.spec import preset
 from yolofps.model.yolo import build_model
@@ -105,7 +106,7 @@ def test_a_missing_openvino_model_is_a_named_error(tmp_path):
 def test_evaluation_and_timing_run_the_same_pipeline(tiny, exports, tmp_path):
     """The mAP path (loader batches) and the FPS path (image files) give identical detections per image."""
     data_yaml = synthetic.generate(tmp_path, dataclasses.replace(TINY_SPEC, image_size=96), seed=0)
-    dataset = YoloDataset(data_yaml, "val", LoaderSpec(image_size=SIZE), train=False)
+    dataset = YoloDataset(data_yaml, "val", SIZE, loader_config(), train=False)
     for execution, artifact in ((Execution(), None), (Execution("openvino"), exports["ir"])):
         pipeline = build_pipeline(execution, DEPLOYMENT, CPU, model=tiny, artifact=artifact)
         evaluated = predict(pipeline, build_loader(dataset, 2, shuffle=False, workers=0))

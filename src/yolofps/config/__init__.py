@@ -10,7 +10,7 @@ params.yaml fails before any work starts. `-S key=value` overrides use the synta
 from __future__ import annotations
 
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -19,31 +19,33 @@ from yolofps.config.delivery import BENCH_MODES, BenchConfig, GatesConfig, MLflo
 from yolofps.config.loader import from_dict, normalize_overrides, parse_override, read_params, set_dotted, to_dict
 from yolofps.config.optimization import DistillConfig, PruneConfig, QuantizeConfig
 from yolofps.config.orchestration import PrefectConfig
-from yolofps.config.training import DEFAULT_TRANSFORMS, AugmentConfig, DataConfig, TrainConfig
+from yolofps.config.training import (AugmentConfig, DataConfig, DistributedConfig, EvalConfig, LoaderConfig, LossConfig,
+                                     OptimConfig, TrainConfig)
 from yolofps.errors import ConfigError
 
-__all__ = ["BENCH_MODES", "DEFAULT_TRANSFORMS", "AugmentConfig", "BenchConfig", "Config", "ConfigError", "DataConfig",
-           "DistillConfig", "GatesConfig", "MLflowConfig", "PrefectConfig", "PruneConfig", "QuantizeConfig",
-           "RegisterConfig", "TrainConfig", "TransformSpec", "from_dict", "load_config", "normalize_overrides",
-           "parse_override", "read_params", "to_dict"]
+__all__ = ["BENCH_MODES", "AugmentConfig", "BenchConfig", "Config", "ConfigError", "DataConfig", "DistillConfig",
+           "DistributedConfig", "EvalConfig", "GatesConfig", "LoaderConfig", "LossConfig", "MLflowConfig", "OptimConfig",
+           "PrefectConfig", "PruneConfig", "QuantizeConfig", "RegisterConfig", "TrainConfig", "TransformSpec",
+           "from_dict", "load_config", "normalize_overrides", "parse_override", "read_params", "to_dict"]
 
 
 @dataclass(frozen=True)
 class Config:
     """The whole params.yaml."""
 
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda", "xla"] = "auto"
-    data: DataConfig = field(default_factory=DataConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    prune: PruneConfig = field(default_factory=PruneConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
-    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
-    bench: BenchConfig = field(default_factory=BenchConfig)
-    register: RegisterConfig = field(default_factory=RegisterConfig)
-    mlflow: MLflowConfig = field(default_factory=MLflowConfig)
-    prefect: PrefectConfig = field(default_factory=PrefectConfig)
+    seed: int
+    device: Literal["auto", "cpu", "cuda", "xla"]
+    data: DataConfig
+    augment: AugmentConfig
+    train: TrainConfig
+    eval: EvalConfig
+    prune: PruneConfig
+    distill: DistillConfig
+    quantize: QuantizeConfig
+    bench: BenchConfig
+    register: RegisterConfig
+    mlflow: MLflowConfig
+    prefect: PrefectConfig
 
     def __post_init__(self) -> None:
         # numpy's and the data loaders' generators take 32-bit seeds; a larger one failed after the work began

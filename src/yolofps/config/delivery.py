@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from yolofps.config.common import _check
@@ -17,25 +17,24 @@ BENCH_MODES = ("eager", "channels_last", "trace", "compile", "onnxruntime", "ope
 class BenchConfig:
     """`bench` section: end-to-end latency, throughput and mAP of every variant, and the selection policy."""
 
-    modes: tuple[str, ...] = ("eager", "channels_last", "trace", "compile", "onnxruntime", "openvino", "fp16",
-                              "cudagraph")
-    batch_sizes: tuple[int, ...] = (1, 8)  # throughput (img/s, end to end) at each
-    warmup: int = 5
-    runs: int = 50  # timed batch-1 runs per variant (p50/p95/p99)
-    throughput_runs: int = 5  # timed batches per batch size
-    threads: int = 0  # CPU threads for torch and onnxruntime; 0 = all cores
+    modes: tuple[str, ...]  # execution modes timed (see BENCH_MODES); those that do not apply are listed as skipped
+    batch_sizes: tuple[int, ...]  # throughput (img/s, end to end) at each
+    warmup: int
+    runs: int  # timed batch-1 runs per variant (p50/p95/p99)
+    throughput_runs: int  # timed batches per batch size
+    threads: int  # CPU threads for torch and onnxruntime; 0 = all cores
     # intra-op threads each ONNX Runtime / OpenVINO row is timed with, one row each (0 = `threads`): a small
     # pruned graph at batch 1 can run faster on 1 thread than on 2 (per-op wake-ups)
-    runtime_threads: tuple[int, ...] = (0,)
-    conf: float = 0.25  # deployment post-processing settings (the timed NMS)
-    iou: float = 0.45
-    max_det: int = 300
-    check_images: int = 8  # val images whose detections each variant must reproduce from its source model
-    min_agreement: float = 0.95  # matched detections vs the source model (F1 at IoU 0.5); float variants
-    min_agreement_int8: float = 0.6  # INT8 is judged by mAP; this only catches a broken model
-    policy: Literal["fastest_within_drop", "pareto"] = "fastest_within_drop"
-    max_map_drop: float = 0.015  # mAP50-95 a selectable variant may lose against the baseline
-    fps_tie: float = 0.05  # FPS within this fraction of the fastest counts as tied; the most accurate wins
+    runtime_threads: tuple[int, ...]
+    conf: float  # deployment post-processing settings (the timed NMS)
+    iou: float
+    max_det: int
+    check_images: int  # val images whose detections each variant must reproduce from its source model
+    min_agreement: float  # matched detections vs the source model (F1 at IoU 0.5); float variants
+    min_agreement_int8: float  # INT8 is judged by mAP; this only catches a broken model
+    policy: Literal["fastest_within_drop", "pareto"]
+    max_map_drop: float  # mAP50-95 a selectable variant may lose against the baseline
+    fps_tie: float  # FPS within this fraction of the fastest counts as tied; the most accurate wins
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.modes) - set(BENCH_MODES))
@@ -60,10 +59,10 @@ class BenchConfig:
 class GatesConfig:
     """`register.gates`: what a challenger must show against the current champion to be promoted."""
 
-    map_tolerance: float = 0.005  # challenger mAP50-95 >= champion's - this
-    min_fps_gain: float = 0.0  # challenger fps_b1 >= champion's x (1 + this), compared on the same device only
-    min_map50_95: float = 0.0  # absolute floors, champion or not
-    min_fps_b1: float = 0.0
+    map_tolerance: float  # challenger mAP50-95 >= champion's - this
+    min_fps_gain: float  # challenger fps_b1 >= champion's x (1 + this), compared on the same device only
+    min_map50_95: float  # absolute floors, champion or not
+    min_fps_b1: float
 
     def __post_init__(self) -> None:
         _check(0 <= self.map_tolerance <= 1 and 0 <= self.min_map50_95 <= 1,
@@ -76,12 +75,12 @@ class GatesConfig:
 class RegisterConfig:
     """`register` section: the MLflow registered model, its aliases and the promotion gates."""
 
-    model_name: str = "yolofps-detector"
-    variant: str = "selected"  # "selected" (the bench stage's choice) or a variant name from metrics/bench.json
-    auto_promote: bool = False  # run the gates after registering and move @champion when they pass
-    retries: int = 3  # attempts at the tracking server before a clear error
-    backoff_s: float = 2.0  # wait before retry n: backoff_s * 2**(n-1)
-    gates: GatesConfig = field(default_factory=GatesConfig)
+    model_name: str
+    variant: str  # "selected" (the bench stage's choice) or a variant name from metrics/bench.json
+    auto_promote: bool  # run the gates after registering and move @champion when they pass
+    retries: int  # attempts at the tracking server before a clear error
+    backoff_s: float  # wait before retry n: backoff_s * 2**(n-1)
+    gates: GatesConfig
 
     def __post_init__(self) -> None:
         _check(bool(re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", self.model_name)),
@@ -93,9 +92,9 @@ class RegisterConfig:
 class MLflowConfig:
     """`mlflow` section: where runs are tracked (an embedded SQLite store by default, no server)."""
 
-    tracking_uri: str = "sqlite:///mlflow.db"
-    experiment: str = "yolofps"
-    system_metrics: bool = True  # CPU/GPU/memory sampled by MLflow in the background
+    tracking_uri: str
+    experiment: str
+    system_metrics: bool  # CPU/GPU/memory sampled by MLflow in the background
 
     def __post_init__(self) -> None:
         _check(bool(self.tracking_uri.strip()) and bool(self.experiment.strip()),

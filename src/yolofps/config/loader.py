@@ -1,6 +1,7 @@
 """Reading params.yaml into typed dataclasses: overrides, strict field checks, coercion; generic in the schema.
 
-Unknown keys and wrong types are errors that name the key, the file and the accepted keys. `-S key=value`
+params.yaml owns every value (the dataclasses declare no defaults), so a missing key, an unknown key and a wrong
+type are all errors that name the key, the file and the accepted keys. `-S key=value`
 overrides use the syntax of `dvc exp run -S` (the value is parsed as YAML).
 """
 
@@ -101,7 +102,12 @@ def from_dict(cls: type, raw: Any, *, source: str, prefix: str = "") -> Any:
         raise ConfigError(
             f"{source}: unknown key {prefix}{unknown[0]!s} in {where}; accepted keys: {sorted(types_by_name)}"
         )
+    # the present keys first: a typo (`num_trian`) is reported as the unknown key it is, not as the key it misses
     values = {name: _coerce(types_by_name[name], raw[name], source, prefix + name) for name in raw}
+    missing = [name for name in types_by_name if name not in raw]
+    if missing:  # params.yaml owns every value: the dataclasses have no defaults to fall back on silently
+        raise ConfigError(f"{source}: missing key {prefix}{missing[0]} in {where} (every value lives in params.yaml; "
+                          f"missing here: {', '.join(prefix + name for name in missing)})")
     try:
         return cls(**values)
     except ConfigError as err:  # value checks in __post_init__ don't know the file

@@ -12,12 +12,12 @@ from yolofps.config.common import _check
 class PruneConfig:
     """`prune` section: structured channel pruning (torch-pruning DepGraph) + fine-tuning per ratio."""
 
-    ratios: tuple[float, ...] = (0.3, 0.5)
-    importance: Literal["l2", "group_norm"] = "l2"
-    round_to: int = 8  # pruned widths stay multiples of this (SIMD / tensor-core friendly)
-    iterative_steps: int = 1
-    finetune_epochs: int = 10  # with the train section's hyperparameters (warm-up capped at 1 epoch)
-    activation: Literal["keep", "silu", "relu"] = "keep"  # of the pruned model (relu: fused Conv+ReLU in ORT)
+    ratios: tuple[float, ...]
+    importance: Literal["l2", "group_norm"]
+    round_to: int  # pruned widths stay multiples of this (SIMD / tensor-core friendly)
+    iterative_steps: int
+    finetune_epochs: int  # with the train section's hyperparameters (warm-up capped at 1 epoch)
+    activation: Literal["keep", "silu", "relu"]  # of the pruned model (relu: fused Conv+ReLU in ORT)
 
     def __post_init__(self) -> None:
         _check(len(self.ratios) >= 1 and all(0 < r < 1 for r in self.ratios), "prune.ratios must be in (0, 1)")
@@ -30,11 +30,11 @@ class PruneConfig:
 class DistillConfig:
     """`distill` section: teacher = the trained baseline; student = a pruned copy (or a preset) trained with KD."""
 
-    student: str = "pruned"  # "pruned" (the baseline pruned at `ratio`) or a preset name: n | s | tiny ...
-    ratio: float = 0.5  # prune ratio of the student; must be one of prune.ratios for the no-KD comparison
-    epochs: int = 10  # equal to prune.finetune_epochs makes the KD vs no-KD comparison fair
-    weight: float = 1.0  # distillation loss weight
-    temperature: float = 1.0
+    student: str  # "pruned" (the baseline pruned at `ratio`) or a preset name: n | s | tiny ...
+    ratio: float  # prune ratio of the student; must be one of prune.ratios for the no-KD comparison
+    epochs: int  # equal to prune.finetune_epochs makes the KD vs no-KD comparison fair
+    weight: float  # distillation loss weight
+    temperature: float
 
     def __post_init__(self) -> None:
         _check(0 < self.ratio < 1, "distill.ratio must be in (0, 1)")
@@ -46,13 +46,13 @@ class DistillConfig:
 class QuantizeConfig:
     """`quantize` section: ONNX Runtime static INT8 and OpenVINO INT8 (NNCF, accuracy control); fp16/bf16 on CUDA."""
 
-    source: str = "distill"  # which model to quantize: distill | train | prune-<ratio>
-    calibration_images: int = 64  # train images used to calibrate INT8 activation ranges
-    per_channel: bool = True
-    keep_head_float: bool = True  # the Detect decode math stays float (quantizing it destroys mAP)
-    max_map_drop: float = 0.015  # INT8 losing more mAP50-95 than this vs its fp32 source is rejected
-    accuracy_control: bool = True  # OpenVINO INT8: NNCF reverts layers to float until the drop is within max_map_drop
-    opset: int = 17
+    source: str  # which model to quantize: distill | train | prune-<ratio>
+    calibration_images: int  # train images used to calibrate INT8 activation ranges
+    per_channel: bool
+    keep_head_float: bool  # the Detect decode math stays float (quantizing it destroys mAP)
+    max_map_drop: float  # INT8 losing more mAP50-95 than this vs its fp32 source is rejected
+    accuracy_control: bool  # OpenVINO INT8: NNCF reverts layers to float until the drop is within max_map_drop
+    opset: int
 
     def __post_init__(self) -> None:
         _check(self.source in ("train", "distill") or self.source.startswith("prune-"),

@@ -14,11 +14,11 @@ from yolofps.config.common import _check
 class PrefectConfig:
     """`prefect` section: how the pipeline deployment is scheduled and how its I/O is retried."""
 
-    cron: str = "0 2 * * *"  # the deployment's schedule (flows/serve.py and prefect.yaml)
-    timezone: str = "UTC"
-    retries: int = 3  # retries of I/O: dvc pull/push, a busy DVC lock, an unreachable tracking server
-    retry_delay_s: float = 30.0  # first wait; it doubles on each retry
-    gpu_slots: int = 1  # size of the `gpu` global concurrency limit created at setup
+    cron: str  # the deployment's schedule (flows/serve.py and prefect.yaml)
+    timezone: str
+    retries: int  # retries of I/O: dvc pull/push, a busy DVC lock, an unreachable tracking server
+    retry_delay_s: float  # first wait; it doubles on each retry
+    gpu_slots: int  # size of the `gpu` global concurrency limit created at setup
 
     def __post_init__(self) -> None:
         _check(len(self.cron.split()) == 5, f"prefect.cron must have 5 fields (minute hour day month weekday), "

@@ -9,7 +9,6 @@ Train-time order follows yolov5: (4-image mosaic | letterbox) -> random affine -
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
@@ -21,7 +20,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, Dataset, RandomSampler, SequentialSampler
 
 from yolofps import device as dev
-from yolofps.config import TransformSpec
+from yolofps.config import LoaderConfig, TransformSpec
 from yolofps.data import augment, formats
 from yolofps.errors import ConfigError, DataSetError
 
@@ -56,42 +55,6 @@ def letterbox_rows(rows: np.ndarray, orig_shape: tuple[int, int], ratio: float, 
     return out
 
 
-@dataclass(frozen=True)
-class LoaderSpec:
-    """What the loader needs (the train config fills it); augmentation gains follow yolov5 hyp.scratch-low."""
-
-    image_size: int = 320  # fixed square input, multiple of 32
-    max_boxes: int = 64  # targets padded to this many per image; an image with more is refused, mosaics are cut
-    mosaic: float = 1.0  # probability of a 4-image mosaic at train time
-    hsv_h: float = 0.015
-    hsv_s: float = 0.7
-    hsv_v: float = 0.4
-    translate: float = 0.1
-    scale: float = 0.5
-    degrees: float = 0.0
-    shear: float = 0.0
-    fliplr: float = 0.5
-    flipud: float = 0.0
-    min_visibility: float = 0.3  # augmented boxes keeping less of their area than this are dropped
-    min_box_size: float = 2.0  # augmented boxes narrower or shorter than this (pixels) are dropped
-
-    def __post_init__(self) -> None:
-        problems = []
-        if self.image_size < 32 or self.image_size % 32:
-            problems.append(f"image_size must be a positive multiple of 32, got {self.image_size}")
-        if self.max_boxes < 1:
-            problems.append(f"max_boxes must be >= 1, got {self.max_boxes}")
-        for name in ("mosaic", "fliplr", "flipud", "min_visibility", "hsv_h", "hsv_s", "hsv_v"):
-            if not 0 <= getattr(self, name) <= 1:
-                problems.append(f"{name} must be in [0, 1], got {getattr(self, name)}")
-        if not (0 <= self.scale < 1 and 0 <= self.translate <= 0.5):
-            problems.append(f"scale must be in [0, 1) and translate in [0, 0.5], got {self.scale}, {self.translate}")
-        if min(self.degrees, self.shear, self.min_box_size) < 0:
-            problems.append("degrees, shear and min_box_size must be >= 0")
-        if problems:
-            raise ConfigError("loader settings: " + "; ".join(problems))
-
-
 class YoloHSV(A.ImageOnlyTransform):
     """yolov5's augment_hsv on an RGB image: hue, saturation and value times random gains in [1 - g, 1 + g]."""
 
@@ -116,7 +79,7 @@ class YoloHSV(A.ImageOnlyTransform):
         return ("gains",)
 
 
-def _random_affine(spec: LoaderSpec, translate: float) -> A.Affine:
+def _random_affine(spec: LoaderConfig, translate: float) -> A.Affine:
     """yolov5's random_perspective without perspective; `translate` is a fraction of the image it warps."""
     return A.Affine(scale=(1 - spec.scale, 1 + spec.scale), keep_ratio=True,
                     translate_percent={"x": (-translate, translate), "y": (-translate, translate)},
@@ -124,9 +87,10 @@ def _random_affine(spec: LoaderSpec, translate: float) -> A.Affine:
                     fill=FILL, border_mode=cv2.BORDER_CONSTANT, p=1.0)
 
 
-def train_pipeline(spec: LoaderSpec, extra_transforms: Sequence[TransformSpec], *, mosaic: bool) -> A.Compose:
-    """The train-time Compose: mosaic or (already letterboxed) input -> affine -> user's list -> HSV -> flips."""
-    size = spec.image_size
+def train_pipeline(size: int, spec: LoaderConfig, extra_transforms: Sequence[TransformSpec], *,
+                   mosaic: bool) -> A.Compose:
+    """The train-time Compose at input `size`: mosaic or (already letterboxed) input -> affine -> user's list ->
+    HSV -> flips."""
     if mosaic:
         # A.Mosaic on a 2S canvas has its junction fixed at the centre; yolov5 draws the junction anywhere in the
         # middle half, so that +-S/2 shift (a quarter of the canvas) joins the affine's translation.
@@ -173,15 +137,16 @@ def _check_room(images: list[Path], labels: list[np.ndarray], max_boxes: int) ->
     most = max(counts, default=0)
     if most > max_boxes:
         crowded = images[counts.index(most)]
-        raise ConfigError(f"train.max_boxes is {max_boxes} but {formats.label_path_for(crowded)} has {most} boxes "
-                          f"({sum(c > max_boxes for c in counts)} image(s) have more than {max_boxes}); set "
-                          f"train.max_boxes to at least {most} so no box is left out")
+        raise ConfigError(f"train.loader.max_boxes is {max_boxes} but {formats.label_path_for(crowded)} has {most} "
+                          f"boxes ({sum(c > max_boxes for c in counts)} image(s) have more than {max_boxes}); set "
+                          f"train.loader.max_boxes to at least {most} so no box is left out")
 
 
 class YoloDataset(Dataset):
-    """One split of a YOLO data set as fixed-shape samples; `train=True` adds yolov5-style augmentation."""
+    """One split of a YOLO data set as fixed-shape samples at `image_size` (square, a multiple of 32; the train
+    section's imgsz); `train=True` adds yolov5-style augmentation from `spec` (params.yaml's train.loader)."""
 
-    def __init__(self, data_yaml: Path, split: str, spec: LoaderSpec, *, train: bool,
+    def __init__(self, data_yaml: Path, split: str, image_size: int, spec: LoaderConfig, *, train: bool,
                  extra_transforms: Sequence[TransformSpec] = (), seed: int = 0, cache: bool = False):
         data = formats.load_data_yaml(data_yaml)
         if split not in data.splits:
@@ -192,12 +157,12 @@ class YoloDataset(Dataset):
         self.labels = [formats.read_labels(formats.label_path_for(image)) for image in self.images]
         _check_room(self.images, self.labels, spec.max_boxes)
         self.names: tuple[str, ...] = data.names
-        self.spec, self.train = spec, train
+        self.image_size, self.spec, self.train = image_size, spec, train
         # shared memory, so set_mosaic() also reaches persistent loader workers (each holds a copy of self)
         self._mosaic_on = torch.ones(1, dtype=torch.bool).share_memory_()
         self._cache = [_read_rgb(image) for image in self.images] if cache else None
         if train:
-            self._pipelines = {mosaic: train_pipeline(spec, extra_transforms, mosaic=mosaic)
+            self._pipelines = {mosaic: train_pipeline(image_size, spec, extra_transforms, mosaic=mosaic)
                                for mosaic in (True, False)}
         self.reseed(seed)
 
@@ -221,7 +186,7 @@ class YoloDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
         """image uint8 [3, S, S] RGB; targets float32 [max_boxes, 5] (class, cx, cy, w, h normalized to the input);
         mask bool [max_boxes]; meta {path, orig_shape, ratio, pad, truncated, mosaic}."""
-        size = self.spec.image_size
+        size = self.image_size
         image, orig_shape = self._load(index)
         mosaic = self.train and bool(self._mosaic_on) and self._rng.random() < self.spec.mosaic
         if mosaic:

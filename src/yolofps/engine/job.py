@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 from yolofps import device as dev
-from yolofps.config import Config, TrainConfig, to_dict
-from yolofps.data.dataset import LoaderSpec, YoloDataset, build_loader
+from yolofps.config import Config, EvalConfig, TrainConfig, to_dict
+from yolofps.data.dataset import YoloDataset, build_loader
 from yolofps.engine import checkpoint
 from yolofps.engine.evaluate import EvalResult
 from yolofps.engine.predict import Predictions, evaluate_model, evaluate_pipeline, fitness
@@ -50,25 +50,23 @@ class JobResult:
 def load_data(cfg: Config, paths: Paths, train: TrainConfig) -> Data:
     """Datasets for training on the augmented data set and evaluating on its val split."""
     data_yaml = paths.augmented_data / "data.yaml"
-    spec = LoaderSpec(image_size=train.imgsz, max_boxes=train.max_boxes, mosaic=train.mosaic, hsv_h=train.hsv_h,
-                      hsv_s=train.hsv_s, hsv_v=train.hsv_v, translate=train.translate, scale=train.scale,
-                      fliplr=train.fliplr)
-    extra = cfg.augment.transforms if train.online_transforms else ()
-    train_set = YoloDataset(data_yaml, "train", spec, train=True, extra_transforms=extra, seed=cfg.seed)
-    val_set = YoloDataset(data_yaml, "val", spec, train=False)
+    extra = cfg.augment.transforms if train.loader.online_transforms else ()
+    train_set = YoloDataset(data_yaml, "train", train.imgsz, train.loader, train=True, extra_transforms=extra,
+                            seed=cfg.seed)
+    val_set = YoloDataset(data_yaml, "val", train.imgsz, train.loader, train=False)
     return Data(train_set, build_loader(val_set, train.batch, shuffle=False, workers=0), train_set.names)
 
 
-def evaluate(model, data: Data, info: dev.DeviceInfo, train: TrainConfig) -> tuple[EvalResult, Predictions]:
-    """COCO evaluation with the train section's val settings (on the host when training on XLA)."""
+def evaluate(model, data: Data, info: dev.DeviceInfo, settings: EvalConfig) -> tuple[EvalResult, Predictions]:
+    """COCO evaluation with the `eval` section's settings (on the host when training on XLA)."""
     model, info = dev.host_model(model, info)
-    return evaluate_model(model, data.val_loader, info, data.names, conf=train.conf, iou=train.iou,
-                          max_det=train.max_det)
+    return evaluate_model(model, data.val_loader, info, data.names, conf=settings.conf, iou=settings.iou,
+                          max_det=settings.max_det)
 
 
-def evaluate_variant(pipeline: Pipeline, data: Data, train: TrainConfig) -> tuple[EvalResult, Predictions]:
-    """COCO evaluation of any runtime pipeline (a bench row, a quantized model) at the train section's val settings."""
-    settings = Deployment.evaluation(pipeline.deployment.imgsz, train.conf, train.iou, train.max_det)
+def evaluate_variant(pipeline: Pipeline, data: Data, evaluation: EvalConfig) -> tuple[EvalResult, Predictions]:
+    """COCO evaluation of any runtime pipeline (a bench row, a quantized model) at the `eval` section's settings."""
+    settings = Deployment.evaluation(pipeline.deployment.imgsz, evaluation.conf, evaluation.iou, evaluation.max_det)
     return evaluate_pipeline(pipeline.with_deployment(settings), data.val_loader, data.names)
 
 
@@ -78,7 +76,8 @@ def job_hash(cfg: Config, train: TrainConfig, extra: Any = None) -> str:
     A starting checkpoint (`train.weights`) counts by its content, passed in `extra` by the train stage, not by its
     path: the same file under another name resumes, another file at the same name does not."""
     settings = {k: v for k, v in to_dict(train).items() if k != "weights"}
-    return params_hash({"seed": cfg.seed, "train": settings, "augment": to_dict(cfg.augment), "extra": extra})
+    return params_hash({"seed": cfg.seed, "train": settings, "eval": to_dict(cfg.eval), "augment": to_dict(cfg.augment),
+                        "extra": extra})
 
 
 def run_job(cfg: Config, train: TrainConfig, data: Data, model: YOLOv5, objective: Objective, *,
@@ -89,10 +88,10 @@ def run_job(cfg: Config, train: TrainConfig, data: Data, model: YOLOv5, objectiv
     Distributed, only rank 0 gets a result; the other ranks return None once training is over.
     """
     loop = resolve_optimizer(train, num_images=len(data.train_set), num_classes=len(data.names))
-    meta = meta | {"optimizer": loop.optimizer, "device": info.name, "world_size": info.world_size}
+    meta = meta | {"optimizer": loop.optim.optimizer, "device": info.name, "world_size": info.world_size}
     if info.is_main:
-        print(f"{meta.get('job', 'train')}: {len(data.train_set)} images, {loop.epochs} epochs, {loop.optimizer} "
-              f"lr0={loop.lr0} on {info.name} x {info.world_size}", flush=True)
+        print(f"{meta.get('job', 'train')}: {len(data.train_set)} images, {loop.epochs} epochs, "
+              f"{loop.optim.optimizer} lr0={loop.optim.lr0} on {info.name} x {info.world_size}", flush=True)
     if train.batch % info.world_size:
         raise ConfigError(f"train.batch {train.batch} is the global batch: it must divide by the "
                           f"{info.world_size} processes")
@@ -107,22 +106,22 @@ def run_job(cfg: Config, train: TrainConfig, data: Data, model: YOLOv5, objectiv
     resume = resume_state(checkpoints, meta["params_hash"], force=force_resume, verbose=info.is_main)
     if resume is not None:
         check_compatible(resume, model, checkpoints / "last")
-    best, state = fit(model, objective, make_loader, lambda m: evaluate(m, data, info, train)[0].metrics(), loop,
+    best, state = fit(model, objective, make_loader, lambda m: evaluate(m, data, info, cfg.eval)[0].metrics(), loop,
                       info, resume=resume, on_epoch_end=epoch_callback(checkpoints, history_csv, meta, tracking),
                       fitness=fitness)
     if not info.is_main:
         return None
     best_model, _ = checkpoint.load_model(checkpoints / "best")
     best_model = dev.prepare_model(best_model, info).eval()
-    result, predictions = evaluate(best_model, data, info, train)
+    result, predictions = evaluate(best_model, data, info, cfg.eval)
     return JobResult(best_model, state, result, predictions)
 
 
-def evaluate_as_baseline(model: YOLOv5, data: Data, info: dev.DeviceInfo, train: TrainConfig, *, checkpoints: Path,
+def evaluate_as_baseline(model: YOLOv5, data: Data, info: dev.DeviceInfo, settings: EvalConfig, *, checkpoints: Path,
                          history_csv: Path, meta: dict[str, Any]) -> JobResult:
     """`train.epochs: 0`: the model as it is, evaluated and saved where a training job leaves its best and last."""
     model = dev.prepare_model(model, info).eval()
-    result, predictions = evaluate(model, data, info, train)
+    result, predictions = evaluate(model, data, info, settings)
     record = {"epoch": 0} | result.metrics()
     for name in ("best", "last"):
         checkpoint.save_model(checkpoints / name, model, meta | {"epoch": 0, "metrics": record, "finished": True})

@@ -62,7 +62,7 @@ def evaluate_model(model: nn.Module, loader, info: dev.DeviceInfo, names: Sequen
                    iou: float = 0.6, max_det: int = 300) -> tuple[EvalResult, Predictions]:
     """COCO mAP of a torch model as it is (eval mode, the device's autocast); ultralytics val settings by default."""
     model.eval()
-    deployment = Deployment.evaluation(loader.dataset.spec.image_size, conf, iou, max_det)
+    deployment = Deployment.evaluation(loader.dataset.image_size, conf, iou, max_det)
     return evaluate_pipeline(eval_pipeline(model, info, deployment), loader, names)
 
 

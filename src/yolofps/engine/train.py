@@ -43,17 +43,20 @@ LOG_EVERY = 10  # steps between reads of the running losses (the loop's only hos
 
 def resolve_optimizer(cfg: TrainConfig, *, num_images: int, num_classes: int) -> TrainConfig:
     """The config `fit` runs with: `optimizer: auto` replaced by the optimizer and lr it stands for."""
+    o = cfg.optim
     optimizer, lr0, momentum, warmup_bias_lr = pick_optimizer(
-        cfg.optimizer, lr0=cfg.lr0, momentum=cfg.momentum, warmup_bias_lr=cfg.warmup_bias_lr, num_images=num_images,
-        batch=cfg.batch, nominal_batch=cfg.nominal_batch, epochs=cfg.epochs, num_classes=num_classes)
-    return dataclasses.replace(cfg, optimizer=optimizer, lr0=lr0, momentum=momentum, warmup_bias_lr=warmup_bias_lr)
+        o.optimizer, lr0=o.lr0, momentum=o.momentum, warmup_bias_lr=o.warmup_bias_lr, num_images=num_images,
+        batch=cfg.batch, nominal_batch=o.nominal_batch, epochs=cfg.epochs, num_classes=num_classes)
+    resolved = dataclasses.replace(o, optimizer=optimizer, lr0=lr0, momentum=momentum, warmup_bias_lr=warmup_bias_lr)
+    return dataclasses.replace(cfg, optim=resolved)
 
 
 def lr_factor(cfg: TrainConfig, epoch: int) -> float:
     """Multiplier of lr0 for an epoch: linear or cosine decay from 1 to lrf (yolov5's schedules)."""
-    if cfg.cos_lr:
-        return ((1 - math.cos(epoch * math.pi / cfg.epochs)) / 2) * (cfg.lrf - 1) + 1
-    return (1 - epoch / cfg.epochs) * (1.0 - cfg.lrf) + cfg.lrf
+    lrf = cfg.optim.lrf
+    if cfg.optim.cos_lr:
+        return ((1 - math.cos(epoch * math.pi / cfg.epochs)) / 2) * (lrf - 1) + 1
+    return (1 - epoch / cfg.epochs) * (1.0 - lrf) + lrf
 
 
 class TrainingDivergedError(YolofpsError):
@@ -120,7 +123,8 @@ def pick_optimizer(name: str, *, lr0: float, momentum: float, warmup_bias_lr: fl
 
 def build_optimizer(model: nn.Module, spec: TrainConfig) -> torch.optim.Optimizer:
     """SGD (nesterov) or AdamW with yolov5's three groups: pg0 conv weights (decayed), pg1 norm weights, pg2 biases."""
-    if spec.optimizer == "auto":
+    o = spec.optim
+    if o.optimizer == "auto":
         raise ValueError("build_optimizer: resolve `optimizer: auto` first (resolve_optimizer)")
     decayed, norm_weights, biases = [], [], []
     for module in model.modules():
@@ -130,12 +134,12 @@ def build_optimizer(model: nn.Module, spec: TrainConfig) -> torch.optim.Optimize
             norm_weights.append(module.weight)
         elif hasattr(module, "weight") and isinstance(module.weight, nn.Parameter):
             decayed.append(module.weight)
-    accumulate = max(round(spec.nominal_batch / spec.batch), 1)
-    weight_decay = spec.weight_decay * spec.batch * accumulate / spec.nominal_batch  # scaled like yolov5
-    if spec.optimizer == "AdamW":
-        optimizer = torch.optim.AdamW(decayed, lr=spec.lr0, betas=(spec.momentum, 0.999), weight_decay=weight_decay)
+    accumulate = max(round(o.nominal_batch / spec.batch), 1)
+    weight_decay = o.weight_decay * spec.batch * accumulate / o.nominal_batch  # scaled like yolov5
+    if o.optimizer == "AdamW":
+        optimizer = torch.optim.AdamW(decayed, lr=o.lr0, betas=(o.momentum, 0.999), weight_decay=weight_decay)
     else:
-        optimizer = torch.optim.SGD(decayed, lr=spec.lr0, momentum=spec.momentum, nesterov=True,
+        optimizer = torch.optim.SGD(decayed, lr=o.lr0, momentum=o.momentum, nesterov=True,
                                     weight_decay=weight_decay)
     optimizer.add_param_group({"params": norm_weights, "weight_decay": 0.0})
     optimizer.add_param_group({"params": biases, "weight_decay": 0.0})
@@ -144,10 +148,11 @@ def build_optimizer(model: nn.Module, spec: TrainConfig) -> torch.optim.Optimize
 
 def _warmup(optimizer: torch.optim.Optimizer, spec: TrainConfig, step: int, warmup_steps: int, epoch: int) -> None:
     """Linear warm-up: biases from warmup_bias_lr down, others from 0 up; momentum (Adam: beta1) ramps up."""
-    target = spec.lr0 * lr_factor(spec, epoch)
-    momentum = float(np.interp(step, [0, warmup_steps], [spec.warmup_momentum, spec.momentum]))
+    o = spec.optim
+    target = o.lr0 * lr_factor(spec, epoch)
+    momentum = float(np.interp(step, [0, warmup_steps], [o.warmup_momentum, o.momentum]))
     for index, group in enumerate(optimizer.param_groups):
-        start = spec.warmup_bias_lr if index == 2 else 0.0
+        start = o.warmup_bias_lr if index == 2 else 0.0
         group["lr"] = float(np.interp(step, [0, warmup_steps], [start, target]))
         if "betas" in group:
             group["betas"] = (momentum, group["betas"][1])
@@ -170,16 +175,16 @@ def fit(model: nn.Module, objective: Objective, make_loader: Callable[[int, bool
     then evaluates and calls `on_epoch_end` as after a full epoch (`state.stopped == "time_limit"`).
     """
     model = dev.prepare_model(model, info)
-    step_model = dev.compile_model(dev.wrap_ddp(model, info, sync_bn=spec.sync_bn), info, spec.compile)
+    step_model = dev.compile_model(dev.wrap_ddp(model, info, sync_bn=spec.distributed.sync_bn), info, spec.compile)
     optimizer = build_optimizer(model, spec)
-    ema = ModelEMA(model) if spec.ema else None
+    ema = ModelEMA(model) if spec.optim.ema else None
     state = FitState()
     if resume is not None:
         state = _restore(resume, model, optimizer, ema)
     scaler = dev.grad_scaler(info)
     deadline = time.monotonic() + spec.time_limit_min * 60 if spec.time_limit_min > 0 else None
     for epoch in range(state.epoch, spec.epochs):
-        mosaic = epoch < spec.epochs - spec.close_mosaic
+        mosaic = epoch < spec.epochs - spec.loader.close_mosaic
         losses, seconds, images_seen, out_of_time = _train_epoch(
             step_model, model, objective, make_loader(epoch, mosaic), optimizer, scaler, ema, spec, info, state,
             epoch, deadline)
@@ -219,8 +224,8 @@ def _check_finite(losses: dict[str, float], epoch: int, state: FitState) -> None
     if not all(math.isfinite(v) for v in losses.values()):
         raise TrainingDivergedError(
             f"training diverged in epoch {epoch + 1}: mean losses {losses} are not finite; the last good "
-            f"checkpoint (epoch {state.epoch}) is kept, nothing of this epoch is saved. Lower train.lr0 or "
-            "train.warmup_bias_lr, or keep train.grad_clip > 0")
+            f"checkpoint (epoch {state.epoch}) is kept, nothing of this epoch is saved. Lower train.optim.lr0 or "
+            "train.optim.warmup_bias_lr, or keep train.optim.grad_clip > 0")
 
 
 def _time_is_up(deadline: float | None, info: dev.DeviceInfo, i: int) -> bool:
@@ -244,10 +249,11 @@ def _train_epoch(step_model, model, objective, loader, optimizer, scaler, ema, s
     """
     model.train()
     num_batches = len(loader)
-    warmup_steps = max(round(spec.warmup_epochs * num_batches), 100) if spec.warmup_epochs > 0 else 0
-    accumulate = max(round(spec.nominal_batch / spec.batch), 1)
+    o = spec.optim
+    warmup_steps = max(round(o.warmup_epochs * num_batches), 100) if o.warmup_epochs > 0 else 0
+    accumulate = max(round(o.nominal_batch / spec.batch), 1)
     for group in optimizer.param_groups:
-        group["lr"] = spec.lr0 * lr_factor(spec, epoch)
+        group["lr"] = o.lr0 * lr_factor(spec, epoch)
     totals: dict[str, torch.Tensor] = {}
     images_seen, start, last_step, out_of_time, steps = 0, time.perf_counter(), -1, False, 0
     bar = tqdm(dev.device_loader(loader, info), total=num_batches, desc=f"epoch {epoch + 1}/{spec.epochs}",
@@ -258,7 +264,7 @@ def _train_epoch(step_model, model, objective, loader, optimizer, scaler, ema, s
         cut += sum(meta["truncated"] for meta in metas)
         step = i + num_batches * epoch
         if step < warmup_steps:
-            accumulate = max(1, round(np.interp(step, [0, warmup_steps], [1, spec.nominal_batch / spec.batch])))
+            accumulate = max(1, round(np.interp(step, [0, warmup_steps], [1, o.nominal_batch / spec.batch])))
             _warmup(optimizer, spec, step, warmup_steps, epoch)
         images = dev.to_device(images, info)  # [B, 3, S, S] float 0..1
         targets, mask = targets.to(info.device, non_blocking=True), mask.to(info.device, non_blocking=True)
@@ -287,8 +293,8 @@ def _train_epoch(step_model, model, objective, loader, optimizer, scaler, ema, s
     dev.synchronize(info)
     seconds = time.perf_counter() - start
     if cut and info.is_main:
-        warnings.warn(f"epoch {epoch + 1}: {cut} mosaic box(es) beyond train.max_boxes={spec.max_boxes} were left out "
-                      "of the loss; raise train.max_boxes to keep them", stacklevel=2)
+        warnings.warn(f"epoch {epoch + 1}: {cut} mosaic box(es) beyond train.loader.max_boxes={spec.loader.max_boxes} were "
+                      "left out of the loss; raise train.loader.max_boxes to keep them", stacklevel=2)
     means = {f"train/{name}_loss" if name != "loss" else "train/loss":
              float(dev.all_reduce_mean(v, info)) / max(steps, 1) for name, v in totals.items()}
     return means, seconds, images_seen, out_of_time
@@ -296,8 +302,8 @@ def _train_epoch(step_model, model, objective, loader, optimizer, scaler, ema, s
 
 def _optimizer_step(model: nn.Module, optimizer, scaler, spec: TrainConfig, info: dev.DeviceInfo) -> None:
     scaler.unscale_(optimizer)
-    if spec.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=spec.grad_clip)
+    if spec.optim.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=spec.optim.grad_clip)
     dev.optimizer_step(optimizer, scaler, info)
     optimizer.zero_grad(set_to_none=True)
 

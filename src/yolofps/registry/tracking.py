@@ -18,7 +18,7 @@ from yolofps.registry.common import _quiet_http_retries, _short, log
 
 
 def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    """{'train': {'lr0': 0.01}} -> {'train.lr0': 0.01}; lists are kept as one value."""
+    """{'train': {'optim': {'lr0': 0.01}}} -> {'train.optim.lr0': 0.01}; lists are kept as one value."""
     if not isinstance(data, dict):
         return {prefix.rstrip("."): data}
     flat: dict[str, Any] = {}

@@ -28,7 +28,7 @@ from yolofps.bench import contract, measure, report
 from yolofps.bench.environment import environment_stamp
 from yolofps.bench.rows import BenchRow
 from yolofps.bench.variants import Variant, plan
-from yolofps.config import BenchConfig, Config, to_dict
+from yolofps.config import BenchConfig, Config, EvalConfig, to_dict
 from yolofps.data import formats
 from yolofps.engine import checkpoint, job
 from yolofps.fileio import fresh_dir, write_json
@@ -83,7 +83,7 @@ def run(cfg: Config, paths: Paths = Paths()) -> StageResult:
     data = job.load_data(cfg, paths, eval_train)
     exports = fresh_dir(paths.models("bench"))
     check_images = formats.list_images(paths.augmented_data / "images" / "val")[: b.check_images]
-    bench = Bench(b, info, deployment, data, eval_train, exports, check_images, paths.root)
+    bench = Bench(b, info, deployment, data, cfg.eval, exports, check_images, paths.root)
     environment = _environment(cfg, info, deployment, paths)
     with TrackingRun(cfg.mlflow, run_name="bench", params={"bench": to_dict(b)},
                      tags=lineage_tags(paths.root, "bench", to_dict(b))) as tracking:
@@ -113,8 +113,8 @@ def _environment(cfg: Config, info: dev.DeviceInfo, deployment: Deployment, path
     return environment_stamp() | {"device": info.kind, "imgsz": deployment.imgsz,
                                   "batch_sizes": list(cfg.bench.batch_sizes), "threads": torch.get_num_threads(),
                                   "deployment": dataclasses.asdict(deployment),
-                                  "evaluation": {"conf": cfg.train.conf, "iou": cfg.train.iou,
-                                                 "max_det": cfg.train.max_det, "images": len(val_images)}}
+                                  "evaluation": {"conf": cfg.eval.conf, "iou": cfg.eval.iou,
+                                                 "max_det": cfg.eval.max_det, "images": len(val_images)}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +125,7 @@ class Bench:
     info: dev.DeviceInfo
     deployment: Deployment
     data: job.Data
-    eval_train: Any  # the train section with the deployment's image size: evaluation settings
+    evaluation: EvalConfig  # mAP settings (the eval section)
     exports: Path  # models/bench: the ONNX and OpenVINO IR exports the rows run (registrable artifacts)
     check_images: list[Path]
     root: Path
@@ -205,7 +205,7 @@ def check_variant(row: BenchRow, variant: Variant, model: YOLOv5, source: Source
         if row.agreement < floor:
             row.fail(f"diverges from its source model: detection agreement {row.agreement} < {floor}")
             return None
-        result, _ = job.evaluate_variant(pipeline, bench.data, bench.eval_train)
+        result, _ = job.evaluate_variant(pipeline, bench.data, bench.evaluation)
         row.map50_95, row.map50 = round(result.map50_95, 5), round(result.map50, 5)
         return pipeline
     except Exception as err:  # a mode that cannot run here is a row, never a crash of the stage

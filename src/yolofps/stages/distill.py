@@ -56,7 +56,7 @@ def run(cfg: Config, paths: Paths = Paths()) -> StageResult:
                      tags=tags) as tracking:
         out = job.run_job(cfg, train, data, student, objective, info=info, checkpoints=paths.checkpoints("distill"),
                           history_csv=paths.plots / "distill.csv", tracking=tracking, meta=meta)
-        metrics = size_and_accuracy(out.model, data, info, train) | comparison(paths, cfg, out.result.map50_95)
+        metrics = size_and_accuracy(out.model, data, info, cfg) | comparison(paths, cfg, out.result.map50_95)
         out_dir = fresh_dir(paths.models("distill"))
         checkpoint.save_model(out_dir, out.model.cpu(), meta | {"metrics": metrics})
         metrics["size_mb"] = round((out_dir / checkpoint.WEIGHTS).stat().st_size / 2**20, 3)

@@ -40,14 +40,15 @@ def prune_baseline(baseline: YOLOv5, p: PruneConfig, ratio: float, imgsz: int) -
 
 def finetune_config(train: TrainConfig, epochs: int) -> TrainConfig:
     """The train hyperparameters for a short fine-tune: fewer epochs, warm-up and mosaic closing scaled down."""
-    return dataclasses.replace(train, epochs=epochs, warmup_epochs=min(train.warmup_epochs, 1.0),
-                               close_mosaic=min(train.close_mosaic, epochs // 2), resume=False)
+    optim = dataclasses.replace(train.optim, warmup_epochs=min(train.optim.warmup_epochs, 1.0))
+    loader = dataclasses.replace(train.loader, close_mosaic=min(train.loader.close_mosaic, epochs // 2))
+    return dataclasses.replace(train, epochs=epochs, resume=False, optim=optim, loader=loader)
 
 
-def size_and_accuracy(model: YOLOv5, data: job.Data, info: dev.DeviceInfo, train: TrainConfig) -> dict[str, float]:
-    """Params, GFLOPs at imgsz, mAP50-95 and mAP50 of a model as it is now."""
-    size = model_info(model.cpu(), train.imgsz)
-    result, _ = job.evaluate(dev.prepare_model(model, info).eval(), data, info, train)
+def size_and_accuracy(model: YOLOv5, data: job.Data, info: dev.DeviceInfo, cfg: Config) -> dict[str, float]:
+    """Params, GFLOPs at train.imgsz, mAP50-95 and mAP50 (eval settings) of a model as it is now."""
+    size = model_info(model.cpu(), cfg.train.imgsz)
+    result, _ = job.evaluate(dev.prepare_model(model, info).eval(), data, info, cfg.eval)
     return {"params": size["params"], "gflops": round(size["gflops"], 4)} | result.accuracy()
 
 
@@ -58,7 +59,7 @@ def run(cfg: Config, paths: Paths = Paths()) -> StageResult:
     finetune = finetune_config(cfg.train, cfg.prune.finetune_epochs)
     data = job.load_data(cfg, paths, finetune)
     baseline, base_meta = checkpoint.load_model(paths.models("train") / "best")
-    metrics: dict[str, Any] = {f"baseline/{k}": v for k, v in size_and_accuracy(baseline, data, info, finetune).items()}
+    metrics: dict[str, Any] = {f"baseline/{k}": v for k, v in size_and_accuracy(baseline, data, info, cfg).items()}
     out_dir = fresh_dir(paths.models("prune"))
     for ratio in cfg.prune.ratios:
         name = variant_name(ratio)
@@ -76,7 +77,7 @@ def prune_one(cfg: Config, paths: Paths, data: job.Data, info: dev.DeviceInfo, f
     p = cfg.prune
     name = variant_name(ratio)
     pruned = prune_baseline(baseline, p, ratio, finetune.imgsz)
-    after_pruning = size_and_accuracy(pruned, data, info, finetune)
+    after_pruning = size_and_accuracy(pruned, data, info, cfg)
     meta = {"job": name, "names": base_meta["names"], "imgsz": finetune.imgsz, "model": name, "source": "train",
             "prune_ratio": ratio, "activation": pruned.spec.activation,
             "params_hash": job.job_hash(cfg, finetune, {"prune": to_dict(p), "ratio": ratio})}

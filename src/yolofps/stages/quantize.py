@@ -57,7 +57,7 @@ def run(cfg: Config, paths: Paths = Paths()) -> StageResult:
 
     def score(execution: Execution, **source: Any) -> dict[str, Any]:
         pipeline = build_pipeline(execution, deployment, info if execution.runtime == "torch" else cpu, **source)
-        result, _ = job.evaluate_variant(pipeline, data, train)
+        result, _ = job.evaluate_variant(pipeline, data, cfg.eval)
         return result.accuracy() | {"runtime": execution.runtime, "dtype": execution.dtype}
 
     with TrackingRun(cfg.mlflow, run_name="quantize", params={"quantize": to_dict(q)},
@@ -91,8 +91,9 @@ def run(cfg: Config, paths: Paths = Paths()) -> StageResult:
 
 def openvino_int8(fp32: Path, folder: Path, calibration: list, data: job.Data, cfg: Config) -> dict[str, Any]:
     """NNCF INT8 of the ONNX model with accuracy control: mAP50-95 on the val loader may drop by max_map_drop."""
-    q, train = cfg.quantize, cfg.train
-    evaluation = Deployment.evaluation(data.val_loader.dataset.spec.image_size, train.conf, train.iou, train.max_det)
+    q, settings = cfg.quantize, cfg.eval
+    evaluation = Deployment.evaluation(data.val_loader.dataset.image_size, settings.conf, settings.iou,
+                                       settings.max_det)
     cpu = dev.resolve("cpu", amp=False)
 
     def validate(backend, batches) -> float:
@@ -102,7 +103,7 @@ def openvino_int8(fp32: Path, folder: Path, calibration: list, data: job.Data, c
     control = AccuracyControl(list(data.val_loader), validate, q.max_map_drop) if q.accuracy_control else None
     result = quantize_openvino_int8(fp32, folder, calibration, control, keep_head_float=q.keep_head_float)
     pipeline = build_pipeline(Execution("openvino", dtype="int8"), evaluation, cpu, artifact=folder)
-    scored, _ = job.evaluate_variant(pipeline, data, train)
+    scored, _ = job.evaluate_variant(pipeline, data, settings)
     return scored.accuracy() | {"runtime": "openvino", "dtype": "int8", "quantization": result.to_json()}
 
 

@@ -13,7 +13,7 @@ and tracks the run in MLflow (params, per-epoch metrics, system metrics, artifac
 With `train.epochs: 0` and `train.weights`, the imported model is evaluated and published as the baseline untrained,
 so prune, distill, quantize, bench and register run on the user's own model.
 
-With `train.nproc_per_node * train.nnodes > 1` the stage relaunches itself through torchrun, one process per
+With `train.distributed.nproc_per_node * nnodes > 1` the stage relaunches itself through torchrun, one process per
 device; rank 0 alone writes the files above and the one MLflow run. On `device: xla` it uses torch_xla.launch.
 """
 
@@ -58,14 +58,15 @@ class DetectionObjective:
 
 
 def detection_loss(spec: ArchSpec, cfg: Config) -> YOLOv5Loss:
-    """The YOLOv5 loss with the train section's gains."""
-    t = cfg.train
-    return YOLOv5Loss(spec, image_size=t.imgsz, box=t.box, obj=t.obj, cls=t.cls, anchor_t=t.anchor_t)
+    """The YOLOv5 loss with train.loss's gains."""
+    gains = cfg.train.loss
+    return YOLOv5Loss(spec, image_size=cfg.train.imgsz, box=gains.box, obj=gains.obj, cls=gains.cls,
+                      anchor_t=gains.anchor_t)
 
 
 def run(cfg: Config, paths: Paths = Paths()) -> StageResult:
     """Train, evaluate and save the baseline; resumes from checkpoints/train when a previous run was cut short."""
-    processes = cfg.train.nproc_per_node * cfg.train.nnodes
+    processes = cfg.train.distributed.processes
     if processes > 1 and cfg.device == "xla":
         dev.xla_launch(_xla_worker, (cfg, paths))
         return _result(paths, read_metrics(paths))
@@ -85,7 +86,7 @@ def _run_here(cfg: Config, paths: Paths) -> StageResult:
 
 def launch(cfg: Config, paths: Paths) -> StageResult:
     """Run this stage under torchrun with the same config (written to a temporary params file)."""
-    t = cfg.train
+    t = cfg.train.distributed
     with tempfile.TemporaryDirectory(prefix="yolofps-launch-") as folder:
         params = Path(folder) / "params.yaml"
         params.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -135,7 +136,7 @@ def _train(cfg: Config, paths: Paths, info: dev.DeviceInfo) -> StageResult:
     tags |= {k: str(v) for k, v in start.items() if k in ("start_weights", "start_weights_sha256")}
     with TrackingRun(cfg.mlflow, run_name=f"train-{train.model}", params=to_dict(cfg), tags=tags) as tracking:
         if train.epochs == 0:
-            out = job.evaluate_as_baseline(model, data, info, train, checkpoints=paths.checkpoints("train"),
+            out = job.evaluate_as_baseline(model, data, info, cfg.eval, checkpoints=paths.checkpoints("train"),
                                            history_csv=paths.plots / "train.csv", meta=meta)
         else:
             out = job.run_job(cfg, train, data, model, objective, info=info,
@@ -145,7 +146,7 @@ def _train(cfg: Config, paths: Paths, info: dev.DeviceInfo) -> StageResult:
         publish(paths.checkpoints("train"), paths.models("train"), meta | {"metrics": metrics})
         write_json(paths.metrics("train"), metrics)
         plot_dir = fresh_dir(paths.plots / "train")
-        write_plots(plot_dir, out.result, out.predictions, data.names, train.sample_images)
+        write_plots(plot_dir, out.result, out.predictions, data.names, cfg.eval.sample_images)
         tracking.log_metrics(out.result.metrics(), step=out.state.epoch)
         for artifact, folder in ((paths.plots / "train.csv", "results"), (paths.metrics("train"), "results"),
                                  (plot_dir, "plots"), (paths.models("train"), "model")):
