@@ -20,7 +20,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: demo test test-xla install install-xla clean-outputs
+.PHONY: demo test test-xla lint install install-xla clean-outputs
 
 install: $(STAMP)
 
@@ -50,6 +50,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# ruff over the whole repository, rules in pyproject.toml [tool.ruff]; .ci/run calls it after the tests.
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 install-xla: $(XLA_STAMP)
 
