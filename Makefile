@@ -21,7 +21,7 @@ export PATH := $(abspath $(BIN)):$(PATH)
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export MLFLOW_DISABLE_TELEMETRY := true
 
-.PHONY: demo demo-full test test-xla install install-xla clean-outputs
+.PHONY: demo demo-full test test-xla lint install install-xla clean-outputs
 
 install: $(STAMP)
 
@@ -64,6 +64,10 @@ demo-full: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# ruff over the whole repository, rules in pyproject.toml [tool.ruff]; .ci/run calls it after the tests.
+lint: $(STAMP)
+	$(BIN)/ruff check .
 
 install-xla: $(XLA_STAMP)
 
