@@ -86,7 +86,7 @@ def test_official_weights_with_other_classes_keep_backbone_and_neck(trained, tmp
 
     from yolofps.model.upstream import import_checkpoint
 
-    cfg, paths = trained
+    cfg, _ = trained
     (tmp_path / "weights").mkdir()
     shutil.copy(FIXTURE, tmp_path / "weights" / "tiny.pt")
     weights = dataclasses.replace(cfg.train, weights="weights/tiny.pt")
