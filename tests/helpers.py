@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 from yolofps.data.synthetic import SyntheticSpec
@@ -24,6 +25,15 @@ TINY_PARAMS = {
     "bench.modes": ["eager", "trace", "onnxruntime", "openvino"], "bench.runs": 3, "bench.warmup": 1, "bench.batch_sizes": [1, 2],
     "bench.throughput_runs": 1, "bench.check_images": 2,
 }
+
+# The one tiny pipeline of a test session (tests/conftest.py: `shared_run`). Fewer images, no augmented copies
+# (training is the cost), and the bench's agreement floors relaxed: the barely trained model's near-equal scores make
+# ties that float noise reorders, and the registered pyfunc needs detections to compare (no deployment threshold).
+SHARED_PARAMS = TINY_PARAMS | {"data.num_train": 8, "augment.copies": 0, "bench.conf": 0.0,
+                               "bench.min_agreement": 0.5, "bench.min_agreement_int8": 0.0}
+SHARED_PIPELINE_RUN_ID = "shared-run"  # the pipeline run id the shared run's stages tag their MLflow runs with
+# written by DVC itself, or the project's MLflow store (mlflow.tracking_uri: sqlite:///mlflow.db): never a stage out
+DVC_AND_TRACKING = (".dvc", ".git", "dvc.lock", "mlflow.db", "mlruns")
 
 TINY_SPEC = SyntheticSpec(num_train=6, num_val=3, image_size=96, min_aspect=0.75, max_objects=4,
                           background_fraction=0.2, min_visible=0.3)
@@ -50,7 +60,7 @@ def make_project(root: Path) -> Path:
     from tasks.dvc import apply_overrides
 
     root.mkdir(parents=True)
-    for name in ("dvc.yaml", "params.yaml", ".dvcignore"):
+    for name in ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore"):  # .gitignore: what `dvc exp run` commits
         shutil.copy(PROJECT_ROOT / name, root / name)
     shutil.copytree(PROJECT_ROOT / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     shutil.copytree(PROJECT_ROOT / "weights", root / "weights", ignore=shutil.ignore_patterns("*.pt"))  # a train dep
@@ -59,6 +69,65 @@ def make_project(root: Path) -> Path:
     run_cmd([sys.executable, "-m", "dvc", "config", "core.analytics", "false"], root)
     apply_overrides(root / "params.yaml", TINY_PARAMS)
     return root
+
+
+@dataclass(frozen=True)
+class SharedRun:
+    """The session's tiny pipeline, reproduced once by real `dvc repro`, one stage at a time.
+
+    `written[stage]`: the files (relative paths) that stage's `dvc repro --single-item` created or changed, outside
+    DVC's own files and the MLflow store; `output[stage]`: what DVC printed. Tests only read `root`; a test that
+    changes anything works on `copy_run(...)`.
+    """
+
+    root: Path
+    written: dict[str, set[str]]
+    output: dict[str, str]
+
+
+def _snapshot(root: Path) -> dict[str, int]:
+    """relative path -> mtime of every file outside DVC_AND_TRACKING (and the .gitignore files DVC writes)."""
+    found = {}
+    for path in root.rglob("*"):
+        relative = path.relative_to(root)
+        if path.is_file() and relative.parts[0] not in DVC_AND_TRACKING and path.name != ".gitignore":
+            found[relative.as_posix()] = path.stat().st_mtime_ns
+    return found
+
+
+def build_shared_run(root: Path) -> SharedRun:
+    """make_project + SHARED_PARAMS, then `dvc repro --single-item <stage>` per stage in dvc.yaml's (graph) order."""
+    import yaml
+
+    from tasks.dvc import apply_overrides
+    from yolofps.lineage import PARENT_RUN_ENV, PIPELINE_RUN_ENV
+
+    make_project(root)
+    apply_overrides(root / "params.yaml", SHARED_PARAMS)
+    env = tool_env() | {PIPELINE_RUN_ENV: SHARED_PIPELINE_RUN_ID}
+    env.pop(PARENT_RUN_ENV, None)
+    written, output = {}, {}
+    for stage in yaml.safe_load((root / "dvc.yaml").read_text())["stages"]:
+        before = _snapshot(root)
+        result = subprocess.run([sys.executable, "-m", "dvc", "repro", "--single-item", stage], cwd=root, env=env,
+                                capture_output=True, text=True)
+        assert result.returncode == 0, f"shared run: stage {stage} failed:\n{result.stdout}\n{result.stderr}"
+        written[stage] = {path for path, mtime in _snapshot(root).items() if before.get(path) != mtime}
+        output[stage] = result.stdout
+    return SharedRun(root, written, output)
+
+
+def copy_run(run: SharedRun, dest: Path, *, keep_tracking: bool = False) -> Path:
+    """A private copy of the shared run at `dest` (DVC cache, dvc.lock and git repo included).
+
+    Without keep_tracking the copy starts with an empty MLflow store: the copied one's experiment points its
+    artifacts at the original's mlruns/, which a copy must not write into.
+    """
+    shutil.copytree(run.root, dest, symlinks=True)
+    if not keep_tracking:
+        (dest / "mlflow.db").unlink(missing_ok=True)
+        shutil.rmtree(dest / "mlruns", ignore_errors=True)
+    return dest
 
 
 def free_port() -> int:

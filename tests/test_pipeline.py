@@ -1,4 +1,5 @@
-"""The pipeline end to end with real DVC and real Prefect, in a throwaway git repo with tiny params."""
+"""The pipeline end to end with real DVC and real Prefect: the session's tiny pipeline (tests/conftest.py:
+`shared_run`), copies of it where a test changes something, and a fresh project for the flow's error paths."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from helpers import PROJECT_ROOT, run_cmd
+from helpers import PROJECT_ROOT, SHARED_PARAMS, copy_run, run_cmd
 from yolofps.cli import STAGES
 from yolofps.paths import Paths
 
@@ -53,23 +54,26 @@ def test_dvc_yaml_matches_paths_and_cli():
         assert "seed" in stage["params"] and name in stage["params"]
 
 
-def test_dvc_repro_runs_every_stage_then_nothing(project):
-    first = dvc(project, "repro").stdout
-    assert all(f"Running stage '{name}'" in first for name in STAGE_ORDER)
-    assert json.loads((project / "metrics" / "train.json").read_text())["epochs_run"] == 2
-    metrics = json.loads((project / "metrics" / "augment.json").read_text())
-    assert metrics["train_images_out"] == 24 and metrics["val_images"] == 4
+def test_dvc_repro_runs_every_stage_then_nothing(shared_run, tmp_path):
+    for name in STAGE_ORDER:
+        assert f"Running stage '{name}'" in shared_run.output[name], shared_run.output[name]
+    root = shared_run.root
+    assert json.loads((root / "metrics" / "train.json").read_text())["epochs_run"] == SHARED_PARAMS["train.epochs"]
+    metrics = json.loads((root / "metrics" / "augment.json").read_text())
+    assert metrics["train_images_out"] == SHARED_PARAMS["data.num_train"] and metrics["val_images"] == 4
+    project = copy_run(shared_run, tmp_path / "project", keep_tracking=True)
     second = dvc(project, "repro").stdout
     assert "Running stage" not in second
     assert_up_to_date(project)
     # a params change reruns only the stages that declare it
-    (project / "params.yaml").write_text((project / "params.yaml").read_text().replace("copies: 1", "copies: 0"))
+    (project / "params.yaml").write_text((project / "params.yaml").read_text().replace("copies: 0", "copies: 1"))
     rerun = dvc(project, "repro", "augment").stdout
     assert "Running stage 'augment'" in rerun and "Running stage 'data'" not in rerun
+    assert json.loads((project / "metrics" / "augment.json").read_text())["train_images_out"] == 2 * 8
 
 
-def test_dvc_repro_optimizes_an_imported_official_checkpoint(project):
-    """Bring your own yolov5: `train.weights` + `train.epochs: 0` runs data .. register on the imported model."""
+def test_dvc_repro_optimizes_an_imported_official_checkpoint(shared_run, tmp_path):
+    """Bring your own yolov5: `train.weights` + `train.epochs: 0` reruns train .. register on the imported model."""
     import hashlib
     import shutil
 
@@ -77,13 +81,14 @@ def test_dvc_repro_optimizes_an_imported_official_checkpoint(project):
 
     from tasks.dvc import apply_overrides
 
+    project = copy_run(shared_run, tmp_path / "project")  # data and augment are done and stay so
     checkpoint = PROJECT_ROOT / "tests" / "fixtures" / "yolov5" / "shapes_nc4.pt"  # upstream-made, the demo's classes
     shutil.copy(checkpoint, project / "weights" / "yolov5-shapes.pt")
     uri = f"sqlite:///{project / 'mlflow.db'}"
     apply_overrides(project / "params.yaml", {"train.weights": "weights/yolov5-shapes.pt", "train.epochs": 0,
                                               "mlflow.tracking_uri": uri})
     out = dvc(project, "repro").stdout
-    assert all(f"Running stage '{name}'" in out for name in STAGE_ORDER)
+    assert [n for n in STAGE_ORDER if f"Running stage '{n}'" in out] == STAGE_ORDER[2:], out  # train .. register
     assert "train.epochs is 0: evaluated weights/yolov5-shapes.pt as it is" in out
     train = json.loads((project / "metrics" / "train.json").read_text())
     assert train["epochs_run"] == 0 and train["stopped"] == "not_trained" and 0 <= train["metrics/mAP50-95B"] <= 1

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import importlib
 import json
 import os
 import shutil
@@ -17,7 +16,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from helpers import PROJECT_ROOT, TINY_PARAMS, free_port, tool_env, wait_for_url
+from helpers import PROJECT_ROOT, copy_run, free_port, tool_env, wait_for_url
 from yolofps.config import GatesConfig, load_config
 from yolofps.data import formats
 from yolofps.errors import YolofpsError
@@ -26,22 +25,16 @@ from yolofps.registry import RegistryError, champion_history, check_gates, promo
 from yolofps.serving.detector import Detector, ServingConfig
 from yolofps.stages import register
 
-# No deployment threshold, so the tiny (barely trained) model's registered pyfunc has detections to compare. Its
-# near-equal scores make ties that float noise reorders, so the bench's agreement floors are relaxed here.
-PARAMS = TINY_PARAMS | {"data.num_train": 8, "augment.copies": 0, "bench.conf": 0.0, "bench.min_agreement": 0.5,
-                        "bench.min_agreement_int8": 0.0}
 NAME = "yolofps-detector"
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    """The tiny pipeline up to the bench stage, run through each stage's run(), and an SQLite MLflow store."""
-    root = tmp_path_factory.mktemp("register")
+def pipeline(shared_run, tmp_path_factory):
+    """A copy of the session's tiny pipeline (helpers.SHARED_PARAMS: no deployment threshold, relaxed agreement
+    floors) and an empty SQLite MLflow store of this module's own: the tests here register and promote."""
+    root = copy_run(shared_run, tmp_path_factory.mktemp("register") / "project")
     store = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'registry.db'}"
-    cfg = load_config(PROJECT_ROOT / "params.yaml", PARAMS | {"mlflow.tracking_uri": store})
-    for stage in ("data", "augment", "train", "prune", "distill", "quantize", "bench"):
-        importlib.import_module(f"yolofps.stages.{stage}").run(cfg, Paths(root))
-    return root, cfg
+    return root, load_config(root / "params.yaml", {"mlflow.tracking_uri": store})
 
 
 def with_register(cfg, **changes):
@@ -50,6 +43,22 @@ def with_register(cfg, **changes):
 
 def val_images(root):
     return formats.list_images(Paths(root).augmented_data / "images" / "val")
+
+
+def in_process_detections(root, variant: str, images) -> np.ndarray:
+    """[image_index, x1, y1, x2, y2, score, class_id] rows of one bench variant run here, as the pyfunc serves it."""
+    bench = json.loads((root / "metrics" / "bench.json").read_text())
+    row = next(v for v in bench["variants"] if v["name"] == variant)
+    config = ServingConfig(row["runtime"], row["mode"], row["dtype"], row["imgsz"], ["a"] * 100, conf=0.0)
+    local = Detector(root / row["artifact"], config).detect(images)
+    return np.concatenate([np.c_[np.full(len(d), i), d[:, :6]] for i, d in enumerate(local)])
+
+
+def assert_served_like_in_process(served: pd.DataFrame, expected: np.ndarray) -> None:
+    """Same boxes, scores and classes, image by image, within float noise of another process."""
+    got = served[["image_index", "x1", "y1", "x2", "y2", "score", "class_id"]].to_numpy(dtype=float)
+    assert len(expected) > 0 and got.shape == expected.shape, (got.shape, expected.shape)
+    np.testing.assert_allclose(got, expected, atol=1e-3)
 
 
 def test_registered_pyfunc_loads_by_alias_and_matches_the_in_process_model(pipeline):
@@ -72,10 +81,7 @@ def test_registered_pyfunc_loads_by_alias_and_matches_the_in_process_model(pipel
 
     row = next(v for v in bench["variants"] if v["name"] == receipt["variant"])
     config = ServingConfig(row["runtime"], row["mode"], row["dtype"], row["imgsz"], ["a"] * 100, conf=0.0)
-    local = Detector(root / row["artifact"], config).detect(images)
-    expected = np.concatenate([np.c_[np.full(len(d), i), d] for i, d in enumerate(local)])
-    got = served[["image_index", "x1", "y1", "x2", "y2", "score", "class_id"]].to_numpy()
-    assert got.shape == expected.shape and np.allclose(got, expected, atol=1e-3)
+    assert_served_like_in_process(served, in_process_detections(root, row["name"], images))
 
     # a base64-encoded image file (what a REST client sends) gives the same detections as its path
     encoded = base64.b64encode(images[0].read_bytes()).decode()
@@ -187,9 +193,12 @@ def test_promotion_follows_the_gates_and_keeps_history(pipeline):
     import mlflow
 
     mlflow.set_tracking_uri(cfg.mlflow.tracking_uri)
+    images = val_images(root)
+    champion = mlflow.MlflowClient().get_model_version_by_alias(NAME, "champion")
+    assert int(champion.version) == second and champion.tags["variant"] == other
     served = mlflow.pyfunc.load_model(f"models:/{NAME}@champion").predict(
-        pd.DataFrame({"image": [str(p) for p in val_images(root)]}))
-    assert len(served) > 0
+        pd.DataFrame({"image": [str(p) for p in images]}))
+    assert_served_like_in_process(served, in_process_detections(root, other, images))
 
 
 def test_auto_promote_runs_the_same_gates_in_the_stage(pipeline):
@@ -316,8 +325,8 @@ print(json.dumps(register.run(cfg, Paths(Path(root))).metrics))
 def race(root, overrides_each: list[dict]) -> list[dict]:
     """Run register.run in one process per overrides dict, all starting together; their metrics."""
     start_at = time.time() + 20  # after both have imported torch and mlflow
-    racers = [subprocess.Popen([sys.executable, "-c", RACER, str(PROJECT_ROOT / "params.yaml"),
-                                json.dumps(PARAMS | overrides), str(root), str(start_at)],
+    racers = [subprocess.Popen([sys.executable, "-c", RACER, str(root / "params.yaml"),
+                                json.dumps(overrides), str(root), str(start_at)],
                                env=tool_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
               for overrides in overrides_each]
     results = []

@@ -1,8 +1,7 @@
-"""Each stage's run() writes exactly the outs dvc.yaml declares for it (and all of them), on a tiny pipeline."""
+"""Each stage writes exactly the outs dvc.yaml declares for it (and all of them), on the session's tiny pipeline."""
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 
@@ -10,14 +9,12 @@ import pytest
 import torch
 import yaml
 
-from helpers import PROJECT_ROOT, TINY_PARAMS
+from helpers import PROJECT_ROOT, copy_run
 from yolofps import metric_names as names
 from yolofps.bench import contract
 from yolofps.config import load_config
 from yolofps.paths import Paths
 from yolofps.runtime import Execution, openvino
-
-STAGE_PARAMS = TINY_PARAMS | {"data.num_train": 8, "augment.copies": 0}
 
 
 def declared(stage: dict) -> set[str]:
@@ -28,40 +25,32 @@ def declared(stage: dict) -> set[str]:
     return paths
 
 
-def snapshot(root: Path) -> dict[Path, int]:
-    return {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
-
-
-@pytest.fixture(scope="module")
-def pipeline_root(tmp_path_factory):
-    root = tmp_path_factory.mktemp("stages")
-    overrides = STAGE_PARAMS | {"mlflow.tracking_uri": f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'm.db'}"}
-    return root, load_config(PROJECT_ROOT / "params.yaml", overrides)
-
-
 STAGES = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())["stages"]
 
 
-@pytest.mark.parametrize("name", list(STAGES))  # dvc.yaml order is graph order: each test feeds the next
-def test_run_writes_exactly_the_declared_outs(pipeline_root, name):
-    root, cfg = pipeline_root
-    before = snapshot(root)
-    module = importlib.import_module(f"yolofps.stages.{name}")
-    result = module.run(cfg, Paths(root))
-    outs = declared(STAGES[name])
-    written = {p for p, mtime in snapshot(root).items() if before.get(p) != mtime}
-    stray = [p for p in written if not any(p.relative_to(root).as_posix().startswith(o) for o in outs)]
+@pytest.fixture(scope="module")
+def pipeline_root(shared_run):
+    return shared_run.root
+
+
+@pytest.mark.parametrize("name", list(STAGES))
+def test_run_writes_exactly_the_declared_outs(shared_run, name):
+    """The shared run recorded what each stage's `dvc repro --single-item` wrote (DVC's own files aside)."""
+    root, written, outs = shared_run.root, shared_run.written[name], declared(STAGES[name])
+    stray = sorted(p for p in written if not any(p == o or p.startswith(o + "/") for o in outs))
     assert not stray, f"{name} wrote undeclared files: {stray[:5]}"
     for out in outs:
         assert (root / out).exists(), f"{name} did not write its declared out {out}"
+        assert any(p == out or p.startswith(out + "/") for p in written) or out.startswith("checkpoints/"), \
+            f"{name}'s out {out} exists but this stage did not write it"
     metrics = json.loads((root / "metrics" / f"{name}.json").read_text())
     if name == "bench":  # the contract document; its flat numbers sit under "summary"
         metrics = metrics["summary"]
-    assert metrics == json.loads(json.dumps(result.metrics))
+    assert isinstance(metrics, dict) and metrics, metrics
 
 
 def test_prune_and_distill_report_the_comparison(pipeline_root):
-    root, cfg = pipeline_root
+    root = pipeline_root
     prune = json.loads((root / "metrics" / "prune.json").read_text())
     assert prune["prune-0.5/params"] < prune["baseline/params"]
     assert {"prune-0.5/before_finetune/metrics/mAP50-95B", "prune-0.5/metrics/mAP50-95B", "prune-0.5/size_mb"} <= set(
@@ -74,7 +63,7 @@ def test_prune_and_distill_report_the_comparison(pipeline_root):
 
 
 def test_quantize_scores_every_variant_through_the_same_evaluation(pipeline_root):
-    root, _ = pipeline_root
+    root = pipeline_root
     metrics = json.loads((root / "metrics" / "quantize.json").read_text())
     for variant in ("torch-fp32", "ort-fp32", "ort-int8", "openvino-int8"):
         assert 0.0 <= metrics[f"{variant}/metrics/mAP50-95B"] <= 1.0 and metrics[f"{variant}/accepted"] in (0, 1)
@@ -90,7 +79,7 @@ def test_quantize_scores_every_variant_through_the_same_evaluation(pipeline_root
 
 
 def test_bench_writes_the_contract_for_every_model_and_mode(pipeline_root):
-    root, _ = pipeline_root
+    root = pipeline_root
     result = json.loads((root / "metrics" / "bench.json").read_text())
     contract.validate(result)
     names = {v["name"] for v in result["variants"]}
@@ -112,7 +101,8 @@ def test_bench_writes_the_contract_for_every_model_and_mode(pipeline_root):
     by_name = {v["name"]: v for v in result["variants"]}
     assert abs(by_name["train/trace-fp32"]["metrics/mAP50-95B"] - baseline["metrics/mAP50-95B"]) < 1e-3
     assert abs(by_name["train/onnxruntime-fp32"]["metrics/mAP50-95B"] - baseline["metrics/mAP50-95B"]) < 0.01
-    assert result["selected"]["name"] in names and result["environment"]["deployment"]["conf"] == 0.25
+    assert result["selected"]["name"] in names and result["environment"]["deployment"]["conf"] == load_config(
+        root / "params.yaml").bench.conf
     assert "| train/eager-fp32 |" in (root / "reports" / "bench" / "bench.md").read_text()
 
 
@@ -128,7 +118,7 @@ def metric_keys(document: dict, where: str = "") -> list[tuple[str, str]]:
 
 def test_every_accuracy_figure_is_spelled_the_ultralytics_way(pipeline_root):
     """One vocabulary: mAP, precision and recall appear only as `[scope/]metrics/<name>B` in every metrics file."""
-    root, _ = pipeline_root
+    root = pipeline_root
     bad = []
     for path in sorted((root / "metrics").glob("*.json")):
         for where, key in metric_keys(json.loads(path.read_text())):
@@ -162,12 +152,12 @@ def out_of_range(folder: Path) -> list[str]:
 
 def test_every_accuracy_figure_lies_in_its_range(pipeline_root):
     """Issue 20: recall reached 2.0 in metrics/train.json. Checked on the tiny pipeline and on the committed demo."""
-    root, _ = pipeline_root
+    root = pipeline_root
     assert not out_of_range(root / "metrics")
     assert not out_of_range(PROJECT_ROOT / "metrics")
 
 
-def test_bench_marks_a_broken_variant_failed_and_keeps_going(pipeline_root, monkeypatch):
+def test_bench_marks_a_broken_variant_failed_and_keeps_going(shared_run, tmp_path, monkeypatch):
     from yolofps.stages import bench
 
     real_build = bench.build_pipeline
@@ -185,8 +175,8 @@ def test_bench_marks_a_broken_variant_failed_and_keeps_going(pipeline_root, monk
         return pipeline
 
     monkeypatch.setattr(bench, "build_pipeline", build_with_faults)
-    root, cfg = pipeline_root
-    bench.run(cfg, Paths(root))
+    root = copy_run(shared_run, tmp_path / "project")  # bench reruns in a copy: the shared run stays as it was
+    bench.run(load_config(root / "params.yaml"), Paths(root))
     by_name = {v["name"]: v for v in json.loads((root / "metrics" / "bench.json").read_text())["variants"]}
     diverged, raised = by_name["prune-0.5/trace-fp32"], by_name["distill/eager-fp32"]
     assert diverged["status"] == "failed" and "diverges" in diverged["reason"] and diverged["fps_b1"] is None
