@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
 import sys
 
 import pytest
+import yaml
 
-from helpers import run_cmd
+from helpers import PROJECT_ROOT, run_cmd
 from yolofps import cli
 from yolofps.cli import STAGES
 
@@ -54,7 +56,7 @@ def test_config_error_is_one_line_without_traceback(tmp_path):
 
 
 def test_bad_override_and_missing_params(tmp_path):
-    (tmp_path / "params.yaml").write_text("seed: 0\n")
+    shutil.copy(PROJECT_ROOT / "params.yaml", tmp_path / "params.yaml")
     result = run_cmd(["yolofps", "augment", "-S", "augment.copies=many"], tmp_path, check=False)
     assert result.returncode == 2 and "augment.copies" in result.stderr and "Traceback" not in result.stderr
     result = run_cmd(["yolofps", "data", "--params", "missing.yaml"], tmp_path, check=False)
@@ -75,8 +77,9 @@ def test_unreachable_tracking_server_exits_tempfail_for_the_flow_to_retry(tmp_pa
     with socket.socket() as sock:  # a loopback port nothing listens on once the socket closes
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    (tmp_path / "params.yaml").write_text(f"mlflow:\n  tracking_uri: http://127.0.0.1:{port}\n"
-                                          "register:\n  retries: 1\n")
+    params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
+    params["mlflow"]["tracking_uri"], params["register"]["retries"] = f"http://127.0.0.1:{port}", 1
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     result = run_cmd(["yolofps", "promote"], tmp_path, check=False)
     assert result.returncode == EXIT_TEMPFAIL, result.stderr
     assert "failed after 1 attempts" in result.stderr and "Traceback" not in result.stderr
@@ -95,7 +98,7 @@ def test_unreachable_tracking_server_exits_tempfail_for_the_flow_to_retry(tmp_pa
 def test_bad_values_and_options_are_named_errors_never_unexpected_ones(tmp_path, argv):
     """Issue 20: each of these reached the catch-all ("unexpected error: ValueError ...") or, for the port, exited 0
     after MLflow's traceback; the catch-all is the last resort no test should see."""
-    (tmp_path / "params.yaml").write_text("seed: 0\n")
+    shutil.copy(PROJECT_ROOT / "params.yaml", tmp_path / "params.yaml")
     (tmp_path / "images").mkdir()  # an empty but valid data set for `validate`
     (tmp_path / "data.yaml").write_text("train: images\nval: images\nnames: [a]\n")
     result = run_cmd(["yolofps", *argv], tmp_path, check=False)

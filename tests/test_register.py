@@ -17,7 +17,8 @@ import pandas as pd
 import pytest
 
 from helpers import PROJECT_ROOT, copy_run, free_port, tool_env, wait_for_url
-from yolofps.config import GatesConfig, load_config
+from configs import project_config
+from yolofps.config import load_config
 from yolofps.data import formats
 from yolofps.errors import YolofpsError
 from yolofps.paths import Paths
@@ -26,6 +27,11 @@ from yolofps.serving.detector import Detector, ServingConfig
 from yolofps.stages import register
 
 NAME = "yolofps-detector"
+
+
+def gates(**changes):
+    """params.yaml's register.gates with `changes`."""
+    return dataclasses.replace(project_config().register.gates, **changes)
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +151,7 @@ def test_registering_the_same_content_again_reuses_the_version(pipeline):
 
 
 def test_gates_on_hand_made_tags():
-    gates = GatesConfig(map_tolerance=0.01, min_fps_gain=0.1, min_map50_95=0.3, min_fps_b1=10)
+    gates = gates(map_tolerance=0.01, min_fps_gain=0.1, min_map50_95=0.3, min_fps_b1=10)
     champion = {"metrics/mAP50-95B": "0.50", "fps_b1": "100", "bench_device_name": "cpu x2"}
     ok = {"metrics/mAP50-95B": "0.495", "fps_b1": "111", "bench_device_name": "cpu x2"}
     assert all(g.passed for g in check_gates(ok, champion, gates))
@@ -165,12 +171,12 @@ def test_gates_on_hand_made_tags():
 def test_promotion_follows_the_gates_and_keeps_history(pipeline):
     root, cfg = pipeline
     first = register.run(cfg, Paths(root)).metrics["version"]
-    strict = GatesConfig(min_map50_95=1.0)  # no model reaches mAP 1.0
+    strict = gates(min_map50_95=1.0)  # no model reaches mAP 1.0
     refused = promote(cfg.mlflow, NAME, strict, version=first, user="test", retries=1)
     assert not refused.moved and not refused.passed and "FAIL" in refused.table()
-    dry = promote(cfg.mlflow, NAME, GatesConfig(), version=first, dry_run=True, user="test", retries=1)
+    dry = promote(cfg.mlflow, NAME, gates(), version=first, dry_run=True, user="test", retries=1)
     assert dry.passed and not dry.moved
-    moved = promote(cfg.mlflow, NAME, GatesConfig(), version=first, user="test", reason="first champion", retries=1)
+    moved = promote(cfg.mlflow, NAME, gates(), version=first, user="test", reason="first champion", retries=1)
     assert moved.moved and moved.champion is None
 
     # a second version: the INT8 model (served through onnxruntime inside the same pyfunc interface), or the
@@ -180,7 +186,7 @@ def test_promotion_follows_the_gates_and_keeps_history(pipeline):
         "train/eager-fp32"
     second = register.run(with_register(cfg, variant=other), Paths(root)).metrics["version"]
     assert second > first  # a new version (the OpenVINO test before this one registered another in between)
-    impossible = GatesConfig(min_fps_gain=1000.0)  # would need 1001x the champion's FPS
+    impossible = gates(min_fps_gain=1000.0)  # would need 1001x the champion's FPS
     assert not promote(cfg.mlflow, NAME, impossible, alias="challenger", user="test", retries=1).moved
     forced = promote(cfg.mlflow, NAME, impossible, alias="challenger", force=True, reason="INT8 for the edge box",
                      user="test", retries=1)
@@ -209,7 +215,7 @@ def test_auto_promote_runs_the_same_gates_in_the_stage(pipeline):
     assert result.metrics["promoted"] == 1
     assert champion_history(cfg.mlflow, NAME)[-1] == champion_history(cfg.mlflow, NAME)[-1] | {
         "version": result.metrics["version"], "by": "register stage", "reason": "register.auto_promote"}
-    refused = with_register(cfg, variant="train/onnxruntime-fp32", gates=GatesConfig(min_map50_95=1.0))
+    refused = with_register(cfg, variant="train/onnxruntime-fp32", gates=gates(min_map50_95=1.0))
     assert register.run(refused, Paths(root)).metrics["promoted"] == 0
 
 
