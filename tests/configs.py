@@ -7,10 +7,13 @@ gets everything else, validated, from the file a user runs: `train_config({"epoc
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import Any, Mapping
 
+import yaml
+
 from helpers import PROJECT_ROOT
-from yolofps.config import Config, LoaderConfig, TrainConfig, load_config
+from yolofps.config import Config, LoaderConfig, TrainConfig, load_config, read_params
 
 # no train-time augmentation: tests of the optimizer, loss and evaluation compare like with like
 PLAIN_LOADER = {"max_boxes": 8, "mosaic": 0.0, "close_mosaic": 0, "hsv_h": 0.0, "hsv_s": 0.0, "hsv_v": 0.0,
@@ -44,3 +47,16 @@ def replaced(section: Any, changes: Mapping[str, Any]) -> Any:
             flat[key] = value
     flat |= {head: replaced(getattr(section, head), inner) for head, inner in nested.items()}
     return dataclasses.replace(section, **flat)
+
+
+def write_params(path: Path, changes: Mapping[str, Any]) -> Path:
+    """The project's params.yaml with `{dotted key: value}` changes written to `path` (for a command run elsewhere)."""
+    raw = read_params(PROJECT_ROOT / "params.yaml")
+    for key, value in changes.items():
+        *parents, name = key.split(".")
+        section = raw
+        for part in parents:
+            section = section[part]
+        section[name] = value
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path

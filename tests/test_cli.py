@@ -6,8 +6,8 @@ import shutil
 import sys
 
 import pytest
-import yaml
 
+from configs import write_params
 from helpers import PROJECT_ROOT, run_cmd
 from yolofps import cli
 from yolofps.cli import STAGES
@@ -77,9 +77,7 @@ def test_unreachable_tracking_server_exits_tempfail_for_the_flow_to_retry(tmp_pa
     with socket.socket() as sock:  # a loopback port nothing listens on once the socket closes
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    params = yaml.safe_load((PROJECT_ROOT / "params.yaml").read_text())
-    params["mlflow"]["tracking_uri"], params["register"]["retries"] = f"http://127.0.0.1:{port}", 1
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    write_params(tmp_path / "params.yaml", {"mlflow.tracking_uri": f"http://127.0.0.1:{port}", "register.retries": 1})
     result = run_cmd(["yolofps", "promote"], tmp_path, check=False)
     assert result.returncode == EXIT_TEMPFAIL, result.stderr
     assert "failed after 1 attempts" in result.stderr and "Traceback" not in result.stderr

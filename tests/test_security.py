@@ -18,6 +18,7 @@ import psutil
 import pytest
 import torch
 
+from configs import write_params
 from helpers import PROJECT_ROOT, tool_env
 from yolofps.config import ConfigError, MLflowConfig, load_config
 from yolofps.engine import checkpoint
@@ -188,8 +189,7 @@ def test_dvc_remote_credentials_stay_in_the_git_ignored_local_config(project):
 
 @pytest.mark.slow
 def test_mlflow_ui_listens_on_loopback_only(tmp_path):
-    params = tmp_path / "params.yaml"
-    params.write_text(f"mlflow:\n  tracking_uri: sqlite:///{tmp_path / 'mlflow.db'}\n")
+    params = write_params(tmp_path / "params.yaml", {"mlflow.tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"})
     port = _closed_port()
     ui = subprocess.Popen([sys.executable, "-m", "yolofps.cli", "ui", "--port", str(port), "--params", str(params)],
                           env=tool_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
