@@ -1,6 +1,9 @@
 """Prefect tasks that drive DVC: the stage order from DVC's graph, one `dvc repro --single-item` per stage,
 and `dvc pull` / `dvc push` against the configured remote.
 
+Whether a stage ran and whether outputs are missing are DVC's answers (`Repo.status`, what `dvc status --json`
+prints), never read from the text DVC and the stages print: a stage prints what it likes, DVC rewords its messages.
+
 Retries are for I/O only. A stage is retried when its failure is transient (DVC's workspace lock held by another
 DVC process, or a stage that exited with EX_TEMPFAIL because a service was down), never for its own errors:
 training twice on a bug only doubles the wait for the same message.
@@ -9,6 +12,7 @@ training twice on a bug only doubles the wait for the same message.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -21,6 +25,7 @@ from typing import Any
 import networkx as nx
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import MissingContextError
 from prefect.tasks import exponential_backoff
 
 from yolofps.config import PrefectConfig, load_config, normalize_overrides
@@ -30,6 +35,9 @@ from yolofps.fileio import write_text
 LOCK_BUSY = "Unable to acquire lock"  # DVC's message when another DVC process holds the workspace
 # `dvc pull/push` answers that no retry changes: no remote, a remote path that is not a folder, no permission
 PERMANENT_TRANSFER_ERRORS = ("no remote specified", "Not a directory", "Permission denied", "config file error")
+# `dvc status` states of a stage output that `dvc pull` can restore: gone from the workspace, or from the cache
+PULLABLE = ("deleted", "not in cache")
+ALWAYS_CHANGED = "always changed"  # DVC's status entry for a stage with `always_changed: true` (or no deps)
 
 
 class StageFailed(RuntimeError):
@@ -55,7 +63,7 @@ class Output:
     code: int
     lines: list[str]
     seconds: float
-    started: list[str] = field(default_factory=list)  # "Running stage 'x':" lines, however long the output
+    started: list[str] = field(default_factory=list)  # "Running stage 'x':" lines, for reading only: `ran` is DVC's
 
     def errors(self) -> str:
         found = [line for line in self.lines if "error" in line.lower()] or self.lines[-5:]
@@ -83,6 +91,31 @@ def stage_order(project_dir: Path) -> list[str]:
         names = {stage: stage.name for stage in graph.nodes}
         ordered = nx.lexicographical_topological_sort(graph.reverse(copy=True), key=lambda stage: names[stage])
         return [names[stage] for stage in ordered]
+
+
+def status_changes(project_dir: str | Path, stage: str | None = None) -> list[Any]:
+    """DVC's status entries for one stage (None: every stage and .dvc file together); [] when up to date.
+
+    The entries `dvc status --json` lists under each stage ({"changed deps": {path: state}}, {"changed outs":
+    ...}, "always changed", ...), from DVC's Python API: `Repo.status` runs the checks `dvc repro` uses to
+    decide whether to run a stage (`Stage.changed`), so a stage with no entries is one `dvc repro` skips.
+    Raises dvc.lock.LockError while another DVC process holds the workspace.
+    """
+    from dvc.repo import Repo
+
+    # DVC resolves a target, and names the stages it reports, against the current directory: use absolute paths
+    target = f"{Path(project_dir).resolve() / 'dvc.yaml'}:{stage}" if stage else None
+    with Repo(str(project_dir)) as repo:
+        status = repo.status(targets=[target] if target else None)
+    return [change for changes in status.values() for change in changes]
+
+
+def _logger():
+    """The Prefect run logger inside a flow or task; a plain logger when a task is called as `.fn()`."""
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return logging.getLogger(__name__)
 
 
 def accelerator_stages(project_dir: Path) -> set[str]:
@@ -142,22 +175,45 @@ def run_dvc(args: list[str], project_dir: str, env: dict[str, str] | None = None
     return Output(code, list(tail), round(time.perf_counter() - start, 2), started)
 
 
+def _status_for_repro(project_dir: str, stage: str) -> list[Any]:
+    """The stage's status changes ([] when up to date); a held workspace lock is a transient StageFailed."""
+    from dvc.exceptions import DvcException
+    from dvc.lock import LockError
+
+    try:
+        return status_changes(project_dir, stage)
+    except LockError as err:
+        raise StageFailed(f"stage {stage!r}: dvc status: {err} (transient: retried)", transient=True) from err
+    except DvcException as err:  # dvc.yaml or dvc.lock unreadable, an unknown stage: no retry fixes these
+        raise StageFailed(f"stage {stage!r}: dvc status failed: {err}") from err
+
+
 @task(name="dvc-repro", task_run_name="dvc repro {stage}", retry_condition_fn=retry_transient, cache_policy=NO_CACHE)
-def run_stage(stage: str, project_dir: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+def run_stage(stage: str, project_dir: str, env: dict[str, str] | None = None, force: bool = False
+              ) -> dict[str, Any]:
     """Run one DVC stage (`dvc repro --single-item`), stream its output into the log; return what happened.
 
-    Returns {"stage", "ran" (False when DVC skipped it as unchanged), "seconds", "metrics"}. `env` adds
-    variables for the stage (the pipeline run id and MLflow parent run that group one execution).
+    Returns {"stage", "ran", "seconds", "metrics"}. `env` adds variables for the stage (the pipeline run id and
+    MLflow parent run that group one execution). `ran` is DVC's own rule: `dvc repro` reproduces a stage when it
+    is forced or its status is not clean (`Stage.reproduce`), so ran = (forced or out of date before) and the
+    repro succeeded. Reproduced includes outputs restored from DVC's run-cache without running the command: the
+    outputs and dvc.lock changed all the same. A failed repro raises StageFailed. After success the stage must be
+    up to date (but for DVC's "always changed"); if not, something wrote into the workspace behind DVC and the
+    lock does not describe the outputs, so that is a StageFailed too.
     """
-    out = run_dvc(["repro", "--single-item", stage], project_dir, env, log=get_run_logger())
+    before = _status_for_repro(project_dir, stage)
+    out = run_dvc(["repro", "--single-item", *(["--force"] if force else []), stage], project_dir, env, log=_logger())
     if out.code != 0:
         transient = out.code == EXIT_TEMPFAIL or any(LOCK_BUSY in line for line in out.lines)
         hint = " (transient: retried)" if transient else ""
         raise StageFailed(f"stage {stage!r} failed (exit {out.code}){hint}: {out.errors()}", transient=transient)
+    after = [change for change in _status_for_repro(project_dir, stage) if change != ALWAYS_CHANGED]
+    if after:
+        raise StageFailed(f"stage {stage!r}: dvc repro succeeded but DVC still finds it out of date: "
+                          f"{json.dumps(after)}; did another process write into the workspace during the run?")
     metrics_path = Path(project_dir) / "metrics" / f"{stage}.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-    ran = any(f"Running stage '{stage}'" in line for line in out.started)
-    return {"stage": stage, "ran": ran, "seconds": out.seconds, "metrics": metrics}
+    return {"stage": stage, "ran": force or bool(before), "seconds": out.seconds, "metrics": metrics}
 
 
 def default_remote(project_dir: str) -> str | None:
@@ -168,15 +224,21 @@ def default_remote(project_dir: str) -> str | None:
 
 
 def missing_outputs(project_dir: str) -> bool:
-    """True when `dvc status` finds a declared output or dependency deleted from the workspace."""
-    out = run_dvc(["status", "--json"], project_dir)
-    if out.code != 0:
-        return False
+    """True when DVC's status has a stage output (or `dvc add`ed file) gone from the workspace or the cache.
+
+    Those are what `dvc pull` restores; `dvc repro` would recompute them (an output "not in cache" counts as
+    changed too). A modified output or any changed dependency is not missing. False when DVC cannot answer
+    (another DVC process holds the lock): nothing is pulled, and the repro after it meets the lock and retries.
+    """
+    from dvc.exceptions import DvcException
+
     try:
-        status = json.loads("".join(out.lines))
-    except json.JSONDecodeError:
+        changes = status_changes(project_dir)
+    except DvcException as err:
+        _logger().warning("dvc status failed, not pulling: %s", err)
         return False
-    return "deleted" in json.dumps(status)
+    return any(state in PULLABLE for change in changes if isinstance(change, dict)
+               for state in change.get("changed outs", {}).values())
 
 
 def _transfer(verb: str, project_dir: str, extra: list[str]) -> dict[str, Any]:

@@ -46,7 +46,8 @@ def test_dvc_yaml_matches_paths_and_cli():
         outs = {out if isinstance(out, str) else next(iter(out)) for out in stage["outs"]}
         assert {p.as_posix() for p in expected_outs[name]} == outs
         assert [next(iter(m)) for m in stage["metrics"]] == [paths.metrics(name).as_posix()]
-        assert f"src/yolofps/stages/{name}.py" in stage["deps"]
+        own_code = f"src/yolofps/stages/{name}.py"  # the full import closure: tests/test_dvc_deps.py
+        assert any(own_code == dep or own_code.startswith(f"{dep}/") for dep in stage["deps"]), name
         produced = {p.as_posix() for o in expected_outs.values() for p in o} | {
             paths.metrics(s).as_posix() for s in stages}
         for dep in stage["deps"]:
