@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,12 +58,12 @@ class DvcCommandFailed(RuntimeError):
 
 @dataclass(frozen=True)
 class Output:
-    """What a DVC command printed (its last lines, and every stage it started) and how it ended."""
+    """What a DVC command printed (its last lines, for error messages only: what ran is DVC's answer) and how it
+    ended."""
 
     code: int
     lines: list[str]
     seconds: float
-    started: list[str] = field(default_factory=list)  # "Running stage 'x':" lines, for reading only: `ran` is DVC's
 
     def errors(self) -> str:
         found = [line for line in self.lines if "error" in line.lower()] or self.lines[-5:]
@@ -158,7 +158,6 @@ def run_dvc(args: list[str], project_dir: str, env: dict[str, str] | None = None
     """Run `dvc <args>`, streaming each line to `log` (a Prefect logger); keep the last lines."""
     command = [sys.executable, "-m", "dvc", *args]
     tail: deque[str] = deque(maxlen=40)
-    started: list[str] = []
     start = time.perf_counter()
     with subprocess.Popen(command, cwd=project_dir, env=_dvc_env(env or {}), stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, bufsize=1) as process:
@@ -167,12 +166,10 @@ def run_dvc(args: list[str], project_dir: str, env: dict[str, str] | None = None
             line = line.rstrip()
             if line:
                 tail.append(line)
-                if line.startswith("Running stage '"):  # kept apart: a chatty stage pushes it out of the tail
-                    started.append(line)
                 if log is not None:
                     log.info(line)
         code = process.wait()
-    return Output(code, list(tail), round(time.perf_counter() - start, 2), started)
+    return Output(code, list(tail), round(time.perf_counter() - start, 2))
 
 
 def _status_for_repro(project_dir: str, stage: str) -> list[Any]:
