@@ -8,7 +8,8 @@ runs them), each with SiLU and with ReLU (the same weights, the activation swapp
 accuracy is the prune stage's business), with all cores or one intra-op thread, and with the batch dimension
 fixed to 1 (what `runtime.backends.OrtBackend` does now) or left dynamic (what it did before).
 Pre/post rows: the bench stage's pre-processing (decode, RGB, letterbox, CHW float) and deployment NMS as they
-are now, and as they were (a numpy channel flip; torch NMS + box scaling, which the mAP evaluation used before the one runtime).
+are now, and as they were (a numpy channel flip; torch NMS + box scaling, which the mAP evaluation used before the
+one runtime).
 End-to-end rows: the bench stage's whole path (decode to NMS) for the baseline's and the pruned model's ONNX
 Runtime fp32 sessions as the pipeline made them, with all cores and with one thread: a second, longer run of the
 headline ratio, separate from the bench stage's.
@@ -22,8 +23,8 @@ import dataclasses
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import cv2
 import numpy as np

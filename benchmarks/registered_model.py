@@ -18,8 +18,8 @@ from pathlib import Path
 
 from yolofps import registry
 from yolofps.bench import measure
-from yolofps.bench.remeasure import row_pipeline
 from yolofps.bench.environment import write_result
+from yolofps.bench.remeasure import row_pipeline
 from yolofps.config import load_config
 from yolofps.data import formats
 from yolofps.paths import Paths

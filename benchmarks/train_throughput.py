@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from yolofps.bench.environment import write_result
-from yolofps.data import synthetic
 from yolofps.config import load_config
+from yolofps.data import synthetic
 from yolofps.data.dataset import YoloDataset, build_loader
 from yolofps.engine.train import build_optimizer
 from yolofps.model.loss import YOLOv5Loss

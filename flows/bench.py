@@ -19,8 +19,8 @@ from typing import Any
 from prefect import flow
 from prefect.artifacts import create_table_artifact
 
-from tasks.registry import remeasure_versions
 from tasks.dvc import io_retries
+from tasks.registry import remeasure_versions
 from yolofps.config import load_config
 
 

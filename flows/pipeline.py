@@ -21,13 +21,21 @@ from prefect.runtime import flow_run
 
 from flows.promote import promote as promote_flow
 from tasks.artifacts import publish
-from tasks.dvc import (accelerator_stages, apply_overrides, default_remote, dvc_pull, dvc_push, io_retries,
-                       missing_outputs, run_stage, stage_order)
+from tasks.dvc import (
+    accelerator_stages,
+    apply_overrides,
+    default_remote,
+    dvc_pull,
+    dvc_push,
+    io_retries,
+    missing_outputs,
+    run_stage,
+    stage_order,
+)
 from tasks.slots import ensure_gpu_limit, gpu_slot, needs_gpu, workspace_slot
 from yolofps.config import load_config
 from yolofps.lineage import PARENT_RUN_ENV, PIPELINE_RUN_ENV, PREFECT_FLOW_RUN_ENV
 from yolofps.registry import pipeline_parent_run
-
 
 PROMOTE_POLICIES = ("never", "gates")
 

@@ -16,8 +16,8 @@ from typing import Any
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
-from tasks.registry import promote_version
 from tasks.dvc import io_retries
+from tasks.registry import promote_version
 from yolofps.config import load_config
 
 

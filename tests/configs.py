@@ -7,8 +7,9 @@ gets everything else, validated, from the file a user runs: `train_config({"epoc
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 

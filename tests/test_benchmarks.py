@@ -114,8 +114,8 @@ def test_gpu_benchmark_runs_on_cpu(tmp_path, capsys):
 
 def test_deployment_levers_writes_stamped_json(tmp_path, capsys):
     import cv2
-
     import deployment_levers
+
     from yolofps.engine import checkpoint
     from yolofps.model.spec import preset
     from yolofps.model.yolo import build_model

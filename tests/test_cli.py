@@ -12,7 +12,6 @@ from helpers import PROJECT_ROOT, run_cmd
 from yolofps import cli
 from yolofps.cli import STAGES
 
-
 # each subcommand's own options, written out here (not read back from the parser) so a lost option fails the test
 STAGE_OPTIONS = ["--params", "-S KEY=VALUE, --set KEY=VALUE"]
 OWN_OPTIONS = {name: STAGE_OPTIONS for name in STAGES} | {

@@ -138,7 +138,7 @@ def test_malformed_yaml_names_file_line_and_column(tmp_path):
     ("mlflow.tracking_uri=", "mlflow.tracking_uri"),
     ("device=tpu", "device"),
     ("data.val_fraction=1", "data.val_fraction"),
-    ("train.optim.lr0=.inf", "train.optim.lr0"),  # non-finite numbers: refused at load, before a NaN loss trains for an hour
+    ("train.optim.lr0=.inf", "train.optim.lr0"),  # non-finite: refused at load, before a NaN loss trains for an hour
     ("train.optim.warmup_bias_lr=.nan", "train.optim.warmup_bias_lr"),
     ("prune.ratios=[.nan]", r"prune.ratios\[0\]"),
     ("seed=-1", "seed"),  # numpy and the loaders take 32-bit seeds: these failed as "unexpected error" (issue 20)

@@ -98,7 +98,8 @@ def test_dvc_repro_optimizes_an_imported_official_checkpoint(shared_run, tmp_pat
     assert meta["start_weights_sha256"] == sha256 and meta["names"] == ["ellipse", "rectangle", "triangle", "cross"]
     receipt = json.loads((project / "reports" / "registered_model.json").read_text())
     version = mlflow.MlflowClient(uri).get_model_version(receipt["model_name"], receipt["version"])
-    assert version.tags["start_weights_sha256"] == sha256 and version.tags["start_weights"] == "weights/yolov5-shapes.pt"
+    assert version.tags["start_weights_sha256"] == sha256
+    assert version.tags["start_weights"] == "weights/yolov5-shapes.pt"
     assert_up_to_date(project)
 
 

@@ -16,8 +16,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from helpers import PROJECT_ROOT, copy_run, free_port, tool_env, wait_for_url
 from configs import project_config
+from helpers import PROJECT_ROOT, copy_run, free_port, tool_env, wait_for_url
 from yolofps.config import load_config
 from yolofps.data import formats
 from yolofps.errors import YolofpsError
@@ -151,21 +151,21 @@ def test_registering_the_same_content_again_reuses_the_version(pipeline):
 
 
 def test_gates_on_hand_made_tags():
-    gates = gates(map_tolerance=0.01, min_fps_gain=0.1, min_map50_95=0.3, min_fps_b1=10)
+    rules = gates(map_tolerance=0.01, min_fps_gain=0.1, min_map50_95=0.3, min_fps_b1=10)
     champion = {"metrics/mAP50-95B": "0.50", "fps_b1": "100", "bench_device_name": "cpu x2"}
     ok = {"metrics/mAP50-95B": "0.495", "fps_b1": "111", "bench_device_name": "cpu x2"}
-    assert all(g.passed for g in check_gates(ok, champion, gates))
+    assert all(g.passed for g in check_gates(ok, champion, rules))
     worse = ok | {"metrics/mAP50-95B": "0.48"}
-    assert [g.name for g in check_gates(worse, champion, gates) if not g.passed] == ["mAP50-95 vs champion"]
+    assert [g.name for g in check_gates(worse, champion, rules) if not g.passed] == ["mAP50-95 vs champion"]
     slower = ok | {"fps_b1": "105"}
-    assert [g.name for g in check_gates(slower, champion, gates) if not g.passed] == ["FPS vs champion"]
+    assert [g.name for g in check_gates(slower, champion, rules) if not g.passed] == ["FPS vs champion"]
     other_device = ok | {"bench_device_name": "NVIDIA H200"}
-    assert [g.name for g in check_gates(other_device, champion, gates) if not g.passed] == ["FPS vs champion"]
+    assert [g.name for g in check_gates(other_device, champion, rules) if not g.passed] == ["FPS vs champion"]
     poor = ok | {"metrics/mAP50-95B": "0.2"}
-    assert [g.name for g in check_gates(poor, None, gates) if not g.passed] == ["mAP50-95 floor"]
+    assert [g.name for g in check_gates(poor, None, rules) if not g.passed] == ["mAP50-95 floor"]
     # a champion registered before the one vocabulary carries `map50_95`; it is still compared, not read as nan
     legacy = {"map50_95": "0.50", "fps_b1": "100", "bench_device_name": "cpu x2"}
-    assert [g.name for g in check_gates(worse, legacy, gates) if not g.passed] == ["mAP50-95 vs champion"]
+    assert [g.name for g in check_gates(worse, legacy, rules) if not g.passed] == ["mAP50-95 vs champion"]
 
 
 def test_promotion_follows_the_gates_and_keeps_history(pipeline):
@@ -352,7 +352,8 @@ def test_two_registrations_at_once_give_one_version_per_content_and_a_consistent
     client = MlflowClient(store)
     client.search_experiments()  # the store exists before the race (two first users racing its migrations crash)
     same = race(root, [{"mlflow.tracking_uri": store}] * 2)  # the same model content twice
-    runs = client.search_runs([client.get_experiment_by_name("yolofps").experiment_id], "attributes.run_name = 'register'")
+    experiment = client.get_experiment_by_name("yolofps").experiment_id
+    runs = client.search_runs([experiment], "attributes.run_name = 'register'")
     assert len(runs) == 2  # both raced past the "already registered?" check and logged a model
     versions = client.search_model_versions(f"name = '{NAME}'")
     assert [int(v.version) for v in versions] == [1]  # the later twin removed itself
@@ -360,7 +361,8 @@ def test_two_registrations_at_once_give_one_version_per_content_and_a_consistent
     assert int(client.get_model_version_by_alias(NAME, "challenger").version) == 1
 
     bench = json.loads((root / "metrics" / "bench.json").read_text())
-    others = [v["name"] for v in bench["variants"] if v["name"] != bench["selected"]["name"] and v["status"] != "failed"]
+    selected = bench["selected"]["name"]
+    others = [v["name"] for v in bench["variants"] if v["name"] != selected and v["status"] != "failed"]
     different = race(root, [{"mlflow.tracking_uri": store, "register.variant": variant} for variant in others[:2]])
     new = sorted(r["version"] for r in different)
     assert len(set(new)) == 2 and min(new) > 1 and all(r["reused"] == 0 for r in different)

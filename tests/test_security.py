@@ -127,7 +127,8 @@ def test_a_pickled_payload_as_resume_state_is_refused_and_never_runs(tmp_path):
 
 def test_a_pickle_renamed_to_safetensors_is_refused(tmp_path):
     folder = checkpoint.save_model(tmp_path / "m", build_model(preset("tiny", 2)), {"names": ["a", "b"]})
-    torch.save(build_model(preset("tiny", 2)).state_dict(), folder / checkpoint.WEIGHTS)  # a pickle zip, not safetensors
+    # a pickle zip, not safetensors
+    torch.save(build_model(preset("tiny", 2)).state_dict(), folder / checkpoint.WEIGHTS)
     with pytest.raises(CheckpointError, match="weights.safetensors"):
         checkpoint.load_model(str(folder))  # a str path works as well as a Path
 
@@ -157,7 +158,8 @@ def test_tracking_never_writes_a_credential_to_params_tags_or_logs(tmp_path, cap
     with TrackingRun(cfg, run_name="secrets", params={"data": secret}, tags={"origin": secret["db"]}) as run:
         run_id = run.run_id
     logged = MlflowClient(store).get_run(run_id).data
-    assert logged.params["data.db"] == "postgresql://app:***@db/mlflow" and logged.tags["origin"].endswith("***@db/mlflow")
+    assert logged.params["data.db"] == "postgresql://app:***@db/mlflow"
+    assert logged.tags["origin"].endswith("***@db/mlflow")
     assert "hunter2" not in str(logged.params) + str(logged.tags)
 
     closed = _closed_port()  # a server that is down: the warning names it and training goes on

@@ -11,8 +11,8 @@ import importlib
 import json
 import os
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 from yolofps import __version__
 from yolofps.errors import EXIT_TEMPFAIL, TransientError, YolofpsError

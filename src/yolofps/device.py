@@ -13,8 +13,10 @@ import contextlib
 import os
 import random
 import sys
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, Callable, ContextManager, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -93,7 +95,7 @@ def _torchrun_ranks() -> tuple[int, int, int]:
     return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
 
 
-def autocast(info: DeviceInfo) -> ContextManager:
+def autocast(info: DeviceInfo) -> AbstractContextManager:
     """The precision context for forward passes: autocast on accelerators, nothing on CPU."""
     if info.amp_dtype is None:
         return contextlib.nullcontext()
@@ -208,7 +210,8 @@ def wrap_ddp(model: torch.nn.Module, info: DeviceInfo, *, sync_bn: bool) -> torc
     if sync_bn and info.kind == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     elif sync_bn and info.is_main:
-        print("train.distributed.sync_bn: SyncBatchNorm needs CUDA; BatchNorm statistics stay per process on CPU", flush=True)
+        print("train.distributed.sync_bn: SyncBatchNorm needs CUDA; BatchNorm statistics stay per process on CPU",
+              flush=True)
     device_ids = [info.device.index] if info.kind == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
 

@@ -113,8 +113,8 @@ def _json(name, fps, map50_95, status="ok", baseline=False):
     return {"name": name, "baseline": baseline, "model": name.split("/")[0], "runtime": runtime, "mode": "eager",
             "status": status, "device": "cpu", "dtype": "fp32", "imgsz": 320, "fps_b1": fps,
             "latency_ms_b1": {"p50": 1.0, "p95": 1.1, "p99": 1.2, "pre": 0.1, "model": 0.8, "post": 0.1},
-            "throughput": {"1": fps}, "metrics/mAP50-95B": map50_95, "metrics/mAP50B": map50_95, "size_mb": 1.0, "params_m": 1.0,
-            "gflops": 1.0, "speedup_b1": None, "reason": "x", "threads": 0, "artifact": "models/x"}
+            "throughput": {"1": fps}, "metrics/mAP50-95B": map50_95, "metrics/mAP50B": map50_95, "size_mb": 1.0,
+            "params_m": 1.0, "gflops": 1.0, "speedup_b1": None, "reason": "x", "threads": 0, "artifact": "models/x"}
 
 
 def hand_made():

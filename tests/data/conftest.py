@@ -8,9 +8,8 @@ import cv2
 import numpy as np
 import pytest
 
-from yolofps.data import synthetic
-
 from helpers import TINY_SPEC
+from yolofps.data import synthetic
 
 
 @pytest.fixture

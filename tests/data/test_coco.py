@@ -69,4 +69,5 @@ def test_an_entry_whose_size_disagrees_with_the_file_is_skipped_and_reported(tin
     result = validate.validate_coco(tmp_path / "instances.json", clip_tolerance=0.02, val_fraction=0.5, seed=0)
     assert [s.image.name for split in result.splits.values() for s in split] == ["right.jpg"]
     (issue,) = result.report.issues
-    assert issue.fault == "size_mismatch" and issue.file.endswith("wrong.jpg") and f"{width * 2}x{height}" in issue.detail
+    assert issue.fault == "size_mismatch" and issue.file.endswith("wrong.jpg")
+    assert f"{width * 2}x{height}" in issue.detail

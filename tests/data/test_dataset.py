@@ -9,8 +9,15 @@ import torch
 from configs import loader_config, project_config, train_config
 from yolofps.config import LoaderConfig, TransformSpec
 from yolofps.data import augment, formats
-from yolofps.data.dataset import (YoloDataset, build_loader, collate, letterbox, letterbox_rows,
-                                  pad_targets, train_pipeline)
+from yolofps.data.dataset import (
+    YoloDataset,
+    build_loader,
+    collate,
+    letterbox,
+    letterbox_rows,
+    pad_targets,
+    train_pipeline,
+)
 from yolofps.errors import ConfigError, DataSetError
 
 SIZE = 64

@@ -20,8 +20,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from yolofps.data import augment, formats, validate
 from configs import loader_config
+from yolofps.data import augment, formats, validate
 from yolofps.data.dataset import YoloDataset
 from yolofps.errors import DataSetError
 from yolofps.stages.data import write_prepared

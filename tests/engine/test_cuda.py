@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from yolofps import device as dev
 from configs import train_config
+from yolofps import device as dev
 from yolofps.engine.train import build_optimizer
 from yolofps.model.loss import YOLOv5Loss
 from yolofps.model.spec import preset

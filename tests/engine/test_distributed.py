@@ -28,8 +28,9 @@ from yolofps.stages import augment, data, train
 PLAIN = {f"train.loader.{key}": value for key, value in PLAIN_LOADER.items() if key != "max_boxes"}
 # a real learning rate from the first step, so the trajectories move and a missing gradient all-reduce shows
 PARAMS = TINY_PARAMS | PLAIN | {"data.num_train": 8, "augment.copies": 0, "train.batch": 4, "train.epochs": 3,
-                                "train.optim.nominal_batch": 4, "train.optim.ema": False, "train.optim.optimizer": "SGD",
-                                "train.optim.lr0": 0.05, "train.optim.warmup_epochs": 0, "eval.sample_images": 2}
+                                "train.optim.nominal_batch": 4, "train.optim.ema": False,
+                                "train.optim.optimizer": "SGD", "train.optim.lr0": 0.05, "train.optim.warmup_epochs": 0,
+                                "eval.sample_images": 2}
 
 
 def _run(root, processes: int):
@@ -73,7 +74,8 @@ def test_ddp_fit_syncs_and_scales_gradients_like_one_process(tmp_path):
     run_cmd([sys.executable, str(worker), str(tmp_path / "one.pt"), str(tmp_path / "data1")], tmp_path)
     run_cmd([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(worker),
              str(tmp_path / "two.pt"), str(tmp_path / "data2")], tmp_path)
-    one, rank0, rank1 = (torch.load(tmp_path / name, weights_only=True) for name in ("one.pt.0", "two.pt.0", "two.pt.1"))
+    names = ("one.pt.0", "two.pt.0", "two.pt.1")
+    one, rank0, rank1 = (torch.load(tmp_path / name, weights_only=True) for name in names)
     assert rank0["evaluated"] == [0, 0, 0] and rank1["evaluated"] == []  # rank 0 evaluates, rank 1 gets its metrics
     for name, value in rank0["weights"].items():  # DDP keeps the replicas identical
         assert torch.allclose(rank1["weights"][name], value, rtol=0, atol=1e-7), name

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
+from configs import PLAIN_LOADER, loader_config, replaced, train_config
 from yolofps import device as dev
 from yolofps.data import synthetic
-from configs import PLAIN_LOADER, loader_config, replaced, train_config
 from yolofps.data.dataset import YoloDataset, build_loader
 from yolofps.engine.predict import evaluate_model, fitness
 from yolofps.engine.train import TrainingDivergedError, fit, lr_factor
@@ -38,7 +38,8 @@ def _setup(data_yaml, epochs, seed=0):
     model = build_model(arch)
     objective = DetectionObjective(YOLOv5Loss(arch, image_size=64))
     loop = train_config({"epochs": epochs, "batch": 4, "optim.optimizer": "SGD", "optim.lr0": 0.02,
-                         "optim.warmup_epochs": 0, "optim.nominal_batch": 4, "optim.ema": False, "loader.close_mosaic": 0})
+                         "optim.warmup_epochs": 0, "optim.nominal_batch": 4, "optim.ema": False,
+                         "loader.close_mosaic": 0})
 
     def make_loader(epoch, mosaic):
         return build_loader(dataset, 4, shuffle=True, workers=0, seed=seed + epoch)

@@ -17,9 +17,9 @@ os.environ.setdefault("PJRT_DEVICE", "CPU")  # before torch_xla initializes its 
 pytest.importorskip("torch_xla", reason="torch-xla is installed only in .venv-xla (make test-xla)")
 pytestmark = pytest.mark.xla
 
+from configs import PLAIN_LOADER, loader_config, train_config  # noqa: E402
 from helpers import PROJECT_ROOT, TINY_PARAMS  # noqa: E402
 from yolofps import device as dev  # noqa: E402
-from configs import PLAIN_LOADER, loader_config, train_config  # noqa: E402
 from yolofps.config import load_config  # noqa: E402
 from yolofps.data import synthetic  # noqa: E402
 from yolofps.data.dataset import YoloDataset, build_loader  # noqa: E402

@@ -109,8 +109,8 @@ def upstream_loss(preds, targets, anchors, num_classes, image_size):
         t = t[torch.max(r, 1 / r).max(2)[0] < 4.0]
         gxy, gxi = t[:, 2:4], gain[[2, 3]] - t[:, 2:4]
         j, k = ((gxy % 1 < 0.5) & (gxy > 1)).T
-        l, m = ((gxi % 1 < 0.5) & (gxi > 1)).T
-        j = torch.stack((torch.ones_like(j), j, k, l, m))
+        left, m = ((gxi % 1 < 0.5) & (gxi > 1)).T
+        j = torch.stack((torch.ones_like(j), j, k, left, m))
         t = t.repeat((5, 1, 1))[j]
         offsets = (torch.zeros_like(gxy)[None] + off[:, None])[j]
         bc, gxy, gwh, a = t.chunk(4, 1)

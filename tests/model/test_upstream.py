@@ -17,8 +17,12 @@ import torch
 
 from yolofps import cli
 from yolofps.engine import checkpoint
-from yolofps.model.upstream import (CheckpointImportError, UnsafeCheckpointError, UnsupportedArchitectureError,
-                                    import_checkpoint)
+from yolofps.model.upstream import (
+    CheckpointImportError,
+    UnsafeCheckpointError,
+    UnsupportedArchitectureError,
+    import_checkpoint,
+)
 from yolofps.runtime.host import Deployment, Letterboxed, image_detections
 
 FIXTURES = Path(__file__).parents[1] / "fixtures" / "yolov5"

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
+from helpers import TINY_SPEC, lively
 from yolofps import device as dev
 from yolofps.data import synthetic
 from yolofps.model.spec import preset
@@ -19,8 +21,6 @@ from yolofps.optimize.export import export_onnx
 from yolofps.optimize.openvino_int8 import AccuracyControl, detect_head_ops, quantize_openvino_int8
 from yolofps.runtime import Deployment, Execution, build_pipeline, host
 from yolofps.runtime import openvino as ovr
-
-from helpers import TINY_SPEC, lively
 
 SIZE = 64
 CPU = dev.resolve("cpu", amp=False)

@@ -10,19 +10,18 @@ import onnx
 import pytest
 import torch
 
+from configs import loader_config
+from helpers import TINY_SPEC, lively
 from yolofps import device as dev
 from yolofps.data import synthetic
-from configs import loader_config
 from yolofps.data.dataset import YoloDataset, build_loader
 from yolofps.engine.predict import predict
 from yolofps.model.spec import preset
 from yolofps.model.yolo import YOLOv5, build_model
-from yolofps.runtime import Deployment, Pipeline
-from yolofps.runtime.backends import OrtBackend, TorchBackend
 from yolofps.optimize.export import export_onnx
 from yolofps.optimize.quantize import calibration_batches, detect_head_nodes, quantize_static_int8
-
-from helpers import TINY_SPEC, lively
+from yolofps.runtime import Deployment, Pipeline
+from yolofps.runtime.backends import OrtBackend, TorchBackend
 
 SIZE = 64
 

@@ -10,18 +10,17 @@ import numpy as np
 import pytest
 import torch
 
+from configs import loader_config
+from helpers import TINY_SPEC, lively
 from yolofps import device as dev
 from yolofps.bench.measure import agreement
 from yolofps.data import synthetic
-from configs import loader_config
 from yolofps.data.dataset import YoloDataset, build_loader
 from yolofps.engine.predict import predict
 from yolofps.model.spec import preset
 from yolofps.model.yolo import build_model
 from yolofps.optimize.export import export_onnx, export_openvino
 from yolofps.runtime import Deployment, Execution, build_pipeline, host, openvino
-
-from helpers import TINY_SPEC, lively
 
 CPU = dev.resolve("cpu", amp=False)
 SIZE = 64
@@ -56,7 +55,8 @@ def exports(tiny, tmp_path_factory):
 DEPLOYMENT = Deployment(SIZE, conf=0.25, iou=0.45, max_det=100)
 FLOAT_EXECUTIONS = [(Execution("torch", "channels_last"), None), (Execution("torch", "trace"), None),
                     (Execution("onnxruntime"), "onnx"), (Execution("onnxruntime", threads=1), "onnx"),
-                    (Execution("openvino"), "onnx"), (Execution("openvino"), "ir"), (Execution("openvino", threads=1), "ir")]
+                    (Execution("openvino"), "onnx"), (Execution("openvino"), "ir"),
+                    (Execution("openvino", threads=1), "ir")]
 
 
 @pytest.mark.parametrize(("execution", "artifact"), FLOAT_EXECUTIONS, ids=lambda e: getattr(e, "suffix", e))

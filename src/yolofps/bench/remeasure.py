@@ -8,10 +8,10 @@ that and writes the new figures back as version tags.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Sequence
-
 import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from yolofps.bench import measure
 from yolofps.bench.environment import device_name, environment_stamp

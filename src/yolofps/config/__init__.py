@@ -19,14 +19,23 @@ from yolofps.config.delivery import BENCH_MODES, BenchConfig, GatesConfig, MLflo
 from yolofps.config.loader import from_dict, normalize_overrides, parse_override, read_params, set_dotted, to_dict
 from yolofps.config.optimization import DistillConfig, PruneConfig, QuantizeConfig
 from yolofps.config.orchestration import PrefectConfig
-from yolofps.config.training import (AugmentConfig, DataConfig, DistributedConfig, EvalConfig, LoaderConfig, LossConfig,
-                                     OptimConfig, TrainConfig)
+from yolofps.config.training import (
+    AugmentConfig,
+    DataConfig,
+    DistributedConfig,
+    EvalConfig,
+    LoaderConfig,
+    LossConfig,
+    OptimConfig,
+    TrainConfig,
+)
 from yolofps.errors import ConfigError
 
 __all__ = ["BENCH_MODES", "AugmentConfig", "BenchConfig", "Config", "ConfigError", "DataConfig", "DistillConfig",
-           "DistributedConfig", "EvalConfig", "GatesConfig", "LoaderConfig", "LossConfig", "MLflowConfig", "OptimConfig",
-           "PrefectConfig", "PruneConfig", "QuantizeConfig", "RegisterConfig", "TrainConfig", "TransformSpec",
-           "from_dict", "load_config", "normalize_overrides", "parse_override", "read_params", "to_dict"]
+           "DistributedConfig", "EvalConfig", "GatesConfig", "LoaderConfig", "LossConfig", "MLflowConfig",
+           "OptimConfig", "PrefectConfig", "PruneConfig", "QuantizeConfig", "RegisterConfig", "TrainConfig",
+           "TransformSpec", "from_dict", "load_config", "normalize_overrides", "parse_override", "read_params",
+           "to_dict"]
 
 
 @dataclass(frozen=True)

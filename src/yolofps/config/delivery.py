@@ -9,7 +9,6 @@ from typing import Literal
 from yolofps.config.common import _check
 from yolofps.redact import has_secret
 
-
 BENCH_MODES = ("eager", "channels_last", "trace", "compile", "onnxruntime", "openvino", "fp16", "bf16", "cudagraph")
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import inspect
 import random
-from typing import Sequence
+from collections.abc import Sequence
 
 import albumentations as A
 import numpy as np

@@ -9,9 +9,10 @@ Train-time order follows yolov5: (4-image mosaic | letterbox) -> random affine -
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import albumentations as A
 import cv2

@@ -10,9 +10,9 @@ from __future__ import annotations
 import math
 import os
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 from PIL import Image
@@ -130,7 +130,8 @@ def validate_source(source: str | Path, *, clip_tolerance: float = 0.02, val_fra
     """Validate a YOLO data.yaml or a COCO instances JSON; fatal problems raise DataSetError."""
     source = Path(source)
     if not source.exists():
-        raise DataSetError(f"{source}: data source not found (data.source must be 'synthetic', a data.yaml or a COCO JSON)")
+        raise DataSetError(f"{source}: data source not found (data.source must be 'synthetic', a data.yaml or a "
+                           "COCO JSON)")
     if source.suffix.lower() == ".json":
         return validate_coco(source, clip_tolerance=clip_tolerance, val_fraction=val_fraction, seed=seed)
     if source.suffix.lower() in (".yaml", ".yml"):
@@ -165,7 +166,8 @@ def validate_coco(path: Path, *, clip_tolerance: float, val_fraction: float, see
         if not _confined(image.path, base, report):
             continue
         if image.crowd_skipped:
-            report.add(image.path, "crowd_annotation", f"{image.crowd_skipped} iscrowd annotation(s) not used for training")
+            report.add(image.path, "crowd_annotation",
+                       f"{image.crowd_skipped} iscrowd annotation(s) not used for training")
         if (size := _image_size(image.path, report)) is None:
             continue
         if size != (image.width, image.height):  # COCO boxes are pixels of that size: normalizing by it would misplace
@@ -176,7 +178,8 @@ def validate_coco(path: Path, *, clip_tolerance: float, val_fraction: float, see
         samples.append(Sample(image.path, size[0], size[1], rows))
     order = np.random.default_rng(seed).permutation(len(samples))
     num_val = max(1, round(len(samples) * val_fraction)) if len(samples) > 1 else 0
-    splits = {"val": [samples[i] for i in sorted(order[:num_val])], "train": [samples[i] for i in sorted(order[num_val:])]}
+    splits = {"val": [samples[i] for i in sorted(order[:num_val])],
+              "train": [samples[i] for i in sorted(order[num_val:])]}
     for split in formats.SPLITS:
         _count_split(report, split, splits[split])
     return ValidatedSet(names, {"train": splits["train"], "val": splits["val"]}, report)
@@ -263,7 +266,8 @@ def parse_label_text(text: str, num_classes: int, tolerance: float, report: Vali
 def clean_rows(rows: Iterable[tuple[float, ...]], num_classes: int, tolerance: float, report: ValidationReport,
                file: Path | str) -> np.ndarray:
     """Apply the box policy to already-numeric rows (COCO annotations); line = annotation index + 1."""
-    return _clean([(i, tuple(map(float, r))) for i, r in enumerate(rows, start=1)], num_classes, tolerance, report, file)
+    numbered = [(i, tuple(map(float, r))) for i, r in enumerate(rows, start=1)]
+    return _clean(numbered, num_classes, tolerance, report, file)
 
 
 def _clean(rows: list[tuple[int, tuple[float, ...]]], num_classes: int, tolerance: float,

@@ -20,7 +20,7 @@ _MAX_ANNOTATED_CLASSES = 30  # beyond this the cell numbers of the confusion mat
 def _palette(index: int) -> tuple[int, int, int]:
     """A stable, distinct BGR colour per class id (ultralytics' palette)."""
     hexes = ("FF3838", "FF9D97", "FF701F", "FFB21D", "CFD231", "48F90A", "92CC17", "3DDB86", "1A9334", "00D4BB",
-             "2C99A8", "00C2FF", "344593", "6473FF", "0018EC", "8438FF", "520085", "CB38FF", "FF95C8", "FF37C7")  # fmt: skip
+             "2C99A8", "00C2FF", "344593", "6473FF", "0018EC", "8438FF", "520085", "CB38FF", "FF95C8", "FF37C7")
     h = hexes[index % len(hexes)]
     return int(h[4:6], 16), int(h[2:4], 16), int(h[0:2], 16)
 

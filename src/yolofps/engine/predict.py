@@ -7,9 +7,9 @@ letterbox is the pipeline's pre-processing (`data.dataset.letterbox`), done once
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 from torch import nn

@@ -15,9 +15,10 @@ import dataclasses
 import math
 import time
 import warnings
+from collections.abc import Callable, Iterable
 from copy import deepcopy
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -293,8 +294,9 @@ def _train_epoch(step_model, model, objective, loader, optimizer, scaler, ema, s
     dev.synchronize(info)
     seconds = time.perf_counter() - start
     if cut and info.is_main:
-        warnings.warn(f"epoch {epoch + 1}: {cut} mosaic box(es) beyond train.loader.max_boxes={spec.loader.max_boxes} were "
-                      "left out of the loss; raise train.loader.max_boxes to keep them", stacklevel=2)
+        warnings.warn(f"epoch {epoch + 1}: {cut} mosaic box(es) beyond train.loader.max_boxes="
+                      f"{spec.loader.max_boxes} were left out of the loss; raise train.loader.max_boxes to keep them",
+                      stacklevel=2)
     means = {f"train/{name}_loss" if name != "loss" else "train/loss":
              float(dev.all_reduce_mean(v, info)) / max(steps, 1) for name, v in totals.items()}
     return means, seconds, images_seen, out_of_time

@@ -121,7 +121,8 @@ def import_checkpoint(path: str | Path) -> ImportedCheckpoint:
     options = meta.get("opt") if isinstance(meta.get("opt"), dict) else {}
     imgsz = options.get("imgsz", options.get("img_size"))
     imgsz = imgsz[0] if isinstance(imgsz, (list, tuple)) and imgsz else imgsz
-    source = {"imgsz": imgsz if isinstance(imgsz, int) and imgsz >= 32 else None,"file": path.name, "sha256": content_sha256(path), "upstream_class": type(root).upstream,
+    source = {"imgsz": imgsz if isinstance(imgsz, int) and imgsz >= 32 else None, "file": path.name,
+              "sha256": content_sha256(path), "upstream_class": type(root).upstream,
               "weights_from": weights_from, "epoch": meta.get("epoch"), "date": meta.get("date"),
               "dtype": str(next(iter(stored.values())).dtype).removeprefix("torch."),
               "yaml": _plain(getattr(root, "yaml", None))}
@@ -293,7 +294,8 @@ def _check_same_build(path: Path, root: _Inert, model: YOLOv5) -> None:
             raise UnsupportedArchitectureError(f"{path}: {name} has shortcut={getattr(other, 'add', None)}, yolofps "
                                                f"builds shortcut={module.add}; supported: {SUPPORTED}")
         elif isinstance(module, nn.MaxPool2d) and other is not None and (
-                (module.kernel_size, module.stride, module.padding) != (other.kernel_size, other.stride, other.padding)):
+                (module.kernel_size, module.stride, module.padding)
+                != (other.kernel_size, other.stride, other.padding)):
             raise UnsupportedArchitectureError(f"{path}: {name} pools with kernel {other.kernel_size}, yolofps's SPPF "
                                                f"with {module.kernel_size}; supported: {SUPPORTED}")
         elif isinstance(module, nn.Upsample) and other is not None and (

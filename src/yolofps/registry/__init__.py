@@ -6,11 +6,16 @@ promotion (`promotion`) are the opposite: they retry with backoff (`common`) and
 
 from __future__ import annotations
 
-from yolofps.registry.common import (CHALLENGER, CHAMPION, HISTORY_PREFIX, RegistryError, RegistryUnavailable,
-                                     with_retries)
+from yolofps.registry.common import (
+    CHALLENGER,
+    CHAMPION,
+    HISTORY_PREFIX,
+    RegistryError,
+    RegistryUnavailable,
+    with_retries,
+)
 from yolofps.registry.promotion import Gate, Promotion, champion_history, check_gates, promote
-from yolofps.registry.tracking import (TrackingRun, flatten, log_to_parent_run, pipeline_parent_run,
-                                       resolve_tracking_uri)
+from yolofps.registry.tracking import TrackingRun, flatten, log_to_parent_run, pipeline_parent_run, resolve_tracking_uri
 from yolofps.registry.versions import Registration, aliases, load_detector, register_model, set_version_tags
 
 __all__ = ["CHALLENGER", "CHAMPION", "HISTORY_PREFIX", "Gate", "Promotion", "Registration", "RegistryError",

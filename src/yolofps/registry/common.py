@@ -6,7 +6,8 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from yolofps.errors import TransientError, YolofpsError
 from yolofps.redact import redact_text, redact_uri

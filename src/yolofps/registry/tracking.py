@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from yolofps.config import MLflowConfig
 from yolofps.lineage import PARENT_RUN_ENV

@@ -6,9 +6,10 @@ mode, dtype, threads), so its `fps_b1` tag describes what a caller of the model 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 

@@ -114,7 +114,8 @@ def run(cfg: Config, paths: Paths = Paths()) -> StageResult:
                  "code_paths": [str(CODE_FILE.parents[1])], "pip_requirements": pip_requirements(row["runtime"]),
                  "input_example": pd.DataFrame({"image": [str(p) for p in example]})}
     tags = version_tags(paths, cfg, row, bench)
-    tags |= {k: str(meta[k]) for k in ("start_weights", "start_weights_sha256") if meta.get(k)}  # a baseline from train.weights
+    # a baseline started from train.weights carries where it came from
+    tags |= {k: str(meta[k]) for k in ("start_weights", "start_weights_sha256") if meta.get(k)}
     numbers = {"fps_b1": row["fps_b1"], MAP50_95: row[MAP50_95], MAP50: row[MAP50]}
     registration = register_model(
         cfg.mlflow, r.model_name, content_hash=content_hash(artifact, row), log_model=log_model, version_tags=tags,

@@ -36,6 +36,7 @@ from yolofps.data import formats
 from yolofps.engine import checkpoint, job, plots
 from yolofps.engine.evaluate import EvalResult, confusion_matrix
 from yolofps.engine.predict import Predictions, fitness
+from yolofps.errors import ConfigError, YolofpsError
 from yolofps.fileio import content_sha256, fresh_dir, write_json
 from yolofps.lineage import lineage_tags
 from yolofps.model.loss import YOLOv5Loss
@@ -43,7 +44,6 @@ from yolofps.model.spec import ArchSpec, preset
 from yolofps.model.yolo import YOLOv5, build_model, model_info
 from yolofps.paths import Paths
 from yolofps.registry import TrackingRun
-from yolofps.errors import ConfigError, YolofpsError
 from yolofps.stages import StageResult
 
 
