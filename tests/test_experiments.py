@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import copy_run, run_cmd
+from helpers import PROJECT_ROOT, copy_run, run_cmd
 
 pytestmark = pytest.mark.slow
 
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 # between the rows. --drop removes every column that is not a param (a negative lookahead over the params.yaml
 # sections), --keep brings the headline metrics back (DVC keeps its own column order: metrics files in dvc.yaml
 # order, keys in file order, then params), --only-changed hides the params equal in every row.
-# The README and Makefile give this command.
+# The README gives this command (checked below).
 HEADLINE = ("selected.name", "summary.selected/fps_b1", "summary.selected/metrics/mAP50-95B",
             "summary.baseline/fps_b1", "summary.baseline/metrics/mAP50-95B", "summary.selected/speedup_b1")
 DROP = r"^(?!(seed|device)$|(data|augment|train|eval|prune|distill|quantize|bench|register|mlflow|prefect)\.).*"
@@ -79,3 +79,8 @@ def test_the_readme_exp_show_leads_with_the_variant_fps_and_map(experiment):
     assert columns[:2] == ["Experiment", "Created"]
     assert columns[2:2 + len(HEADLINE)] == list(HEADLINE), columns
     assert columns[2 + len(HEADLINE):] == ["bench.runs"]  # the one param the experiment changed
+
+
+def test_the_readme_gives_this_exp_show_invocation():
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    assert f"--drop '{DROP}'" in readme and f"--keep '{KEEP}'" in readme and "--only-changed" in readme
