@@ -7,15 +7,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from configs import project_config
 from helpers import PROJECT_ROOT
-from yolofps.config import DEFAULT_TRANSFORMS, ConfigError, TransformSpec, load_config
+from yolofps.config import ConfigError, TransformSpec, load_config
 from yolofps.data import augment, formats, validate
 from yolofps.paths import Paths
 from yolofps.stages import augment as augment_stage
 from yolofps.stages import data as data_stage
 
-# Heavier geometry than the defaults, so boxes really get cut and dropped.
-HARSH = DEFAULT_TRANSFORMS + (
+# Heavier geometry than params.yaml's list, so boxes really get cut and dropped.
+HARSH = project_config().augment.transforms + (
     TransformSpec("Affine", {"scale": [0.3, 2.0], "rotate": [-30, 30], "translate_percent": [-0.3, 0.3], "p": 1.0}),
     TransformSpec("RandomCrop", {"height": 40, "width": 40, "p": 0.5}),
 )
