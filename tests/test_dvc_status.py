@@ -74,8 +74,7 @@ def test_ran_is_what_dvc_did_whatever_the_stage_prints(dvc_project):
     assert repro(dvc_project, "loud")["ran"]
     # what a reader of the text would have seen: `other` started inside loud's run, and loud skipped
     out = run_dvc(["repro", "--single-item", "--force", "loud"], str(dvc_project))
-    assert out.code == 0 and out.started == ["Running stage 'loud':", "Running stage 'other':"], out.lines
-    assert FAKE_LINES[1] in out.lines
+    assert out.code == 0 and "Running stage 'other':" in out.lines and FAKE_LINES[1] in out.lines, out.lines
 
 
 def test_a_forced_stage_ran_though_it_was_up_to_date(dvc_project):

@@ -1,9 +1,8 @@
 """Injected faults against the real pipeline: `kill -9` mid-training, damaged artifacts, the tracking server
 dying mid-run, DVC's lock held by a second run, a DVC remote missing or unwritable.
 
-Each test works in its own copy of the session's tiny pipeline (tests/conftest.py: `shared_run`) with
-train.epochs raised, so only the train stage reruns (real `dvc repro`, real `yolofps` processes, a real
-`mlflow server`); nothing stands in for them.
+Each test works in its own copy of one tiny git + DVC project whose data and augment stages ran once (real
+`dvc repro`, real `yolofps` processes, a real `mlflow server`); nothing stands in for them.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from helpers import copy_run, run_cmd, start_mlflow_server, tool_env
+from helpers import make_project, run_cmd, start_mlflow_server, tool_env
 
 pytestmark = pytest.mark.slow
 EPOCHS = 3  # enough epochs that a kill after the first checkpoint lands mid-run
@@ -34,14 +33,13 @@ def dvc(project: Path, *args: str, check: bool = True) -> subprocess.CompletedPr
 
 
 @pytest.fixture(scope="module")
-def prepared(shared_run, tmp_path_factory) -> Path:
-    """A copy of the shared run with train.epochs raised to EPOCHS: data and augment stay done, train is stale."""
+def prepared(tmp_path_factory) -> Path:
+    """The tiny project with data + augment reproduced by DVC and train.epochs raised to EPOCHS."""
     from tasks.dvc import apply_overrides
 
-    root = copy_run(shared_run, tmp_path_factory.mktemp("faults") / "project")
+    root = make_project(tmp_path_factory.mktemp("faults") / "project")
     apply_overrides(root / "params.yaml", {"train.epochs": EPOCHS})
-    status = json.loads(dvc(root, "status", "--json", "augment").stdout)
-    assert "augment" not in status and "data" not in status, status  # only train (and after it) to rerun
+    dvc(root, "repro", "augment")
     return root
 
 
