@@ -7,14 +7,13 @@ gets everything else, validated, from the file a user runs: `train_config({"epoc
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from helpers import PROJECT_ROOT
-from yolofps.config import Config, LoaderConfig, TrainConfig, load_config, read_params
+from yolofps.config import Config, LoaderConfig, TrainConfig, load_config
 
 # no train-time augmentation: tests of the optimizer, loss and evaluation compare like with like
 PLAIN_LOADER = {"max_boxes": 8, "mosaic": 0.0, "close_mosaic": 0, "hsv_h": 0.0, "hsv_s": 0.0, "hsv_v": 0.0,
@@ -52,12 +51,8 @@ def replaced(section: Any, changes: Mapping[str, Any]) -> Any:
 
 def write_params(path: Path, changes: Mapping[str, Any]) -> Path:
     """The project's params.yaml with `{dotted key: value}` changes written to `path` (for a command run elsewhere)."""
-    raw = read_params(PROJECT_ROOT / "params.yaml")
-    for key, value in changes.items():
-        *parents, name = key.split(".")
-        section = raw
-        for part in parents:
-            section = section[part]
-        section[name] = value
-    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    from tasks.dvc import apply_overrides
+
+    shutil.copy(PROJECT_ROOT / "params.yaml", path)
+    apply_overrides(path, dict(changes))  # as `dvc exp run -S` writes them: validated, comments kept
     return path

@@ -11,7 +11,7 @@ import yaml
 
 from helpers import PROJECT_ROOT
 from yolofps import profiles
-from yolofps.config import ConfigError, load_config, read_params, to_dict
+from yolofps.config import ConfigError, flatten, load_config, read_params, to_dict
 
 # train keys of the layout the full run in benchmarks/results/full/ used (before issue 18 split `train`)
 MOVED = {"optim": "optimizer lr0 lrf cos_lr momentum weight_decay warmup_epochs warmup_momentum warmup_bias_lr "
@@ -47,9 +47,9 @@ def load_config_from(raw: dict):
 
 
 def test_the_short_demo_differs_from_the_full_profile_only_in_the_profile_keys():
-    short = profiles.flatten(to_dict(load_config(PROJECT_ROOT / "params.yaml")))
+    short = flatten(to_dict(load_config(PROJECT_ROOT / "params.yaml")))
     flat = profiles.overrides(PROJECT_ROOT, "full")
-    full = profiles.flatten(to_dict(load_config(PROJECT_ROOT / "params.yaml", flat)))
+    full = flatten(to_dict(load_config(PROJECT_ROOT / "params.yaml", flat)))
     changed = {key for key in short if short[key] != full[key]}
     assert changed == set(flat), "a profile key that equals params.yaml is noise; remove it from profiles/full.yaml"
 

@@ -17,23 +17,12 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from yolofps.config import load_config, read_params
+from yolofps.config import flatten, load_config, read_params
 from yolofps.errors import ConfigError
 
 
 def profile_path(root: Path, name: str) -> Path:
     return root / "profiles" / f"{name}.yaml"
-
-
-def flatten(section: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """{"train": {"loader": {"mosaic": 1.0}}} -> {"train.loader.mosaic": 1.0}; lists are values."""
-    flat: dict[str, Any] = {}
-    for key, value in section.items():
-        if isinstance(value, dict) and value:
-            flat |= flatten(value, f"{prefix}{key}.")
-        else:
-            flat[prefix + key] = value
-    return flat
 
 
 def overrides(root: Path, name: str) -> dict[str, Any]:

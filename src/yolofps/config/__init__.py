@@ -16,7 +16,15 @@ from typing import Any, Literal
 
 from yolofps.config.common import TransformSpec, _check
 from yolofps.config.delivery import BENCH_MODES, BenchConfig, GatesConfig, MLflowConfig, RegisterConfig
-from yolofps.config.loader import from_dict, normalize_overrides, parse_override, read_params, set_dotted, to_dict
+from yolofps.config.loader import (
+    flatten,
+    from_dict,
+    normalize_overrides,
+    parse_override,
+    read_params,
+    set_dotted,
+    to_dict,
+)
 from yolofps.config.optimization import DistillConfig, PruneConfig, QuantizeConfig
 from yolofps.config.orchestration import PrefectConfig
 from yolofps.config.training import (
@@ -34,8 +42,8 @@ from yolofps.errors import ConfigError
 __all__ = ["BENCH_MODES", "AugmentConfig", "BenchConfig", "Config", "ConfigError", "DataConfig", "DistillConfig",
            "DistributedConfig", "EvalConfig", "GatesConfig", "LoaderConfig", "LossConfig", "MLflowConfig",
            "OptimConfig", "PrefectConfig", "PruneConfig", "QuantizeConfig", "RegisterConfig", "TrainConfig",
-           "TransformSpec", "from_dict", "load_config", "normalize_overrides", "parse_override", "read_params",
-           "to_dict"]
+           "TransformSpec", "flatten", "from_dict", "load_config", "normalize_overrides", "parse_override",
+           "read_params", "to_dict"]
 
 
 @dataclass(frozen=True)

@@ -187,6 +187,16 @@ def _transform(value: Any, source: str, key: str) -> TransformSpec:
     return TransformSpec(str(name), dict(args))
 
 
+def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
+    """{'train': {'optim': {'lr0': 0.01}}} -> {'train.optim.lr0': 0.01}; lists are kept as one value."""
+    if not isinstance(data, dict):
+        return {prefix.rstrip("."): data}
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        flat |= flatten(value, f"{prefix}{key}.")
+    return flat
+
+
 def to_dict(cfg: Any) -> Any:
     """Plain-data view of a config (for logging, hashing and JSON)."""
     if isinstance(cfg, TransformSpec):

@@ -12,20 +12,10 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from yolofps.config import MLflowConfig
+from yolofps.config import MLflowConfig, flatten
 from yolofps.lineage import PARENT_RUN_ENV
 from yolofps.redact import redact, redact_uri
 from yolofps.registry.common import _quiet_http_retries, _short, log
-
-
-def flatten(data: Any, prefix: str = "") -> dict[str, Any]:
-    """{'train': {'optim': {'lr0': 0.01}}} -> {'train.optim.lr0': 0.01}; lists are kept as one value."""
-    if not isinstance(data, dict):
-        return {prefix.rstrip("."): data}
-    flat: dict[str, Any] = {}
-    for key, value in data.items():
-        flat |= flatten(value, f"{prefix}{key}.")
-    return flat
 
 
 def resolve_tracking_uri(uri: str, root: Path) -> str:
