@@ -102,6 +102,45 @@ def test_registered_pyfunc_loads_by_alias_and_matches_the_in_process_model(pipel
     assert float(version.tags["fps_b1"]) == row["fps_b1"] and version.tags["variant"] == row["name"]
 
 
+def test_the_version_page_reads_like_a_model_card(pipeline):
+    """The version's description says what it is, how it was made, how fast on which device, how accurate."""
+    from mlflow import MlflowClient
+
+    root, cfg = pipeline
+    result = register.run(cfg, Paths(root))
+    client = MlflowClient(tracking_uri=cfg.mlflow.tracking_uri)
+    version = client.get_model_version(NAME, str(result.metrics["version"]))
+    bench = json.loads((root / "metrics" / "bench.json").read_text())
+    row = next(v for v in bench["variants"] if v["name"] == version.tags["variant"])
+    baseline = next(v for v in bench["variants"] if v["baseline"])
+    card = version.description
+    for fact in (row["name"], f"{row['runtime']} {row['dtype']}", str(row["fps_b1"]),
+                 str(row["latency_ms_b1"]["p99"]), bench["environment"]["cpu"], str(row["metrics/mAP50-95B"]),
+                 str(baseline["metrics/mAP50-95B"]), "`train`: YOLOv5tiny trained", version.tags["git_commit"],
+                 f"models:/{NAME}/{version.version}"):
+        assert fact in card, fact
+    if row["model"] != "train":  # an optimized variant names the model it came from
+        assert "→" in card
+    artifacts = {a.path for a in client.list_artifacts(version.run_id, "bench")}
+    assert {"bench/pareto.png", "bench/bench.md", "bench/bench.json"} <= artifacts
+
+
+def test_model_card_of_the_full_run_names_its_chain_and_fits_mlflow(tmp_path):
+    """The committed full-profile bench (benchmarks/results/full) rendered: the INT8 variant's whole chain."""
+    from yolofps.registry.card import MAX_CHARS, CardFacts, render
+
+    bench = json.loads((PROJECT_ROOT / "benchmarks" / "results" / "full" / "metrics" / "bench.json").read_text())
+    row = next(v for v in bench["variants"] if v["name"] == bench["selected"]["name"])
+    chain = [{"name": "train", "job": "train", "model": "n", "epoch": 40, "optimizer": "AdamW"},
+             {"name": "prune-0.5", "job": "prune-0.5", "source": "train", "epoch": 60},
+             {"name": "distill", "job": "distill", "source": "prune-0.5", "epoch": 60},
+             {"name": "quantize", "source": "distill"}]
+    card = render(CardFacts(NAME, 7, row, bench, chain, ["ellipse", "rectangle"], {"git_commit": "d984b34"}))
+    assert len(card) <= MAX_CHARS and "selected it" in card
+    assert card.index("`train`") < card.index("`prune-0.5`") < card.index("`distill`") < card.index("INT8 of")
+    assert f"| {row['fps_b1']} | {row['latency_ms_b1']['p50']} |" in card and "avx512_vnni" in card
+
+
 def test_a_registered_openvino_variant_loads_by_alias_and_predicts(pipeline):
     """An OpenVINO row registers as IR files and serves through the same runtime, with the threads it was timed with."""
     import mlflow

@@ -145,3 +145,14 @@ def set_version_tags(cfg: MLflowConfig, model_name: str, version: int, tags: dic
 
     with_retries(f"tagging {model_name} v{version}", attempt, uri=cfg.tracking_uri, retries=retries,
                  backoff_s=backoff_s)
+
+
+def describe_version(cfg: MLflowConfig, model_name: str, version: int, description: str, *, retries: int = 3,
+                     backoff_s: float = 2.0) -> None:
+    """Set a registered version's description (the model card the MLflow UI shows on the version page)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=cfg.tracking_uri)
+    with_retries(f"describing {model_name} v{version}",
+                 lambda: client.update_model_version(model_name, str(version), description=description),
+                 uri=cfg.tracking_uri, retries=retries, backoff_s=backoff_s)

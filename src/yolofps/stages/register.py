@@ -28,7 +28,8 @@ from yolofps.fileio import write_json
 from yolofps.lineage import dvc_input_hashes, lineage_tags
 from yolofps.metric_names import MAP50, MAP50_95
 from yolofps.paths import Paths
-from yolofps.registry import promote, register_model
+from yolofps.registry import describe_version, promote, register_model
+from yolofps.registry.card import CardFacts, model_chain, render
 from yolofps.stages import StageResult
 
 CODE_FILE = Path(yolofps.__file__).parent / "serving" / "mlflow_model.py"
@@ -95,6 +96,21 @@ def version_tags(paths: Paths, cfg: Config, row: dict[str, Any], bench: dict[str
     return {k: v[:5000] for k, v in tags.items()}
 
 
+def pyfunc_arguments(paths: Paths, row: dict[str, Any], names: list[str], deployment: dict[str, Any]
+                     ) -> dict[str, Any]:
+    """mlflow.pyfunc.log_model's keyword arguments: the code file, the artifact, how it runs, an input example."""
+    import pandas as pd
+
+    model_config = {"runtime": row["runtime"], "mode": row["mode"], "dtype": row["dtype"], "imgsz": row["imgsz"],
+                    "names": names, "conf": deployment["conf"], "iou": deployment["iou"],
+                    "max_det": deployment["max_det"], "device": "auto", "threads": row.get("threads", 0)}
+    example = formats.list_images(paths.augmented_data / "images" / "val")[:1]
+    return {"python_model": str(CODE_FILE), "artifacts": {"model": str(paths.root / row["artifact"])},
+            "model_config": model_config, "code_paths": [str(CODE_FILE.parents[1])],
+            "pip_requirements": pip_requirements(row["runtime"]),
+            "input_example": pd.DataFrame({"image": [str(p) for p in example]})}
+
+
 def run(cfg: Config, paths: Paths = Paths()) -> StageResult:
     """Register the chosen variant (once per content), set @challenger, optionally promote; write the receipt."""
     r = cfg.register
@@ -103,16 +119,7 @@ def run(cfg: Config, paths: Paths = Paths()) -> StageResult:
     row = chosen_variant(bench, r.variant)
     artifact = paths.root / row["artifact"]
     meta = json.loads((paths.models("train") / "best" / "meta.json").read_text())
-    deployment = bench["environment"]["deployment"]
-    model_config = {"runtime": row["runtime"], "mode": row["mode"], "dtype": row["dtype"], "imgsz": row["imgsz"],
-                    "names": list(meta["names"]), "conf": deployment["conf"], "iou": deployment["iou"],
-                    "max_det": deployment["max_det"], "device": "auto", "threads": row.get("threads", 0)}
-    example = formats.list_images(paths.augmented_data / "images" / "val")[:1]
-    import pandas as pd
-
-    log_model = {"python_model": str(CODE_FILE), "artifacts": {"model": str(artifact)}, "model_config": model_config,
-                 "code_paths": [str(CODE_FILE.parents[1])], "pip_requirements": pip_requirements(row["runtime"]),
-                 "input_example": pd.DataFrame({"image": [str(p) for p in example]})}
+    log_model = pyfunc_arguments(paths, row, list(meta["names"]), bench["environment"]["deployment"])
     tags = version_tags(paths, cfg, row, bench)
     # a baseline started from train.weights carries where it came from
     tags |= {k: str(meta[k]) for k in ("start_weights", "start_weights_sha256") if meta.get(k)}
@@ -122,6 +129,12 @@ def run(cfg: Config, paths: Paths = Paths()) -> StageResult:
         run_tags=tags, run_metrics={k: float(v) for k, v in numbers.items() if v is not None},
         run_artifacts=[(paths.reports / "bench", "bench"), (paths.metrics("bench"), "bench")],
         retries=r.retries, backoff_s=r.backoff_s, refresh=BENCH_TAGS)
+    lineage = {key: tags.get(key, "") for key in ("git_commit", "params_hash", "pipeline_run_id")}
+    card = CardFacts(r.model_name, registration.version, row, bench, model_chain(paths, row["model"]),
+                     list(meta["names"]), lineage)
+    # a reused version gets the card of today's figures, as its refreshed bench tags
+    describe_version(cfg.mlflow, r.model_name, registration.version, render(card), retries=r.retries,
+                     backoff_s=r.backoff_s)
     verb = "reused" if registration.reused else "registered"
     print(f"register: {verb} {r.model_name} v{registration.version} ({row['name']}) as @challenger", flush=True)
     receipt = {"model_name": r.model_name, "version": registration.version, "run_id": registration.run_id,
