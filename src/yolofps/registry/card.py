@@ -86,7 +86,8 @@ def _step(meta: dict[str, Any], row: dict[str, Any]) -> str:
     if job == "distill":
         return f"`distill`: `{meta.get('source')}` distilled from the baseline{epochs}"
     if name.startswith("prune-"):
-        return f"`{name}`: structured channel pruning of `{meta.get('source')}` (torch-pruning), fine-tuned{epochs}"
+        tuned = f", fine-tuned {meta['epoch']} epochs" if meta.get("epoch") is not None else ""
+        return f"`{name}`: structured channel pruning of `{meta.get('source')}` (torch-pruning){tuned}"
     return f"`{name}`{epochs}"
 
 
