@@ -17,6 +17,7 @@ import argparse
 import json
 import sys
 import tempfile
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -66,9 +67,15 @@ def measure_both(root: Path, variant: str, rounds: int, save: bool) -> tuple[mea
     with tempfile.TemporaryDirectory(prefix="predict-vs-bench-") as scratch:
         for number in range(rounds):
             job = predict.PredictJob(str(val), Path(scratch) / str(number), save=save, progress=False)
-            result = predict.predict(opened.detector, job, description=opened.description)
-            timed, failures = measure.time_interleaved({name: pipeline}, measure.batches_of(images, 1),
-                                                       warmup=warmup, runs=len(images))
+            run_predict = partial(predict.predict, opened.detector, job, description=opened.description)
+            run_bench = partial(measure.time_interleaved, {name: pipeline}, measure.batches_of(images, 1),
+                                warmup=warmup, runs=len(images))
+            if number % 2:  # alternate which side goes first, so neither always follows the other
+                timed, failures = run_bench()
+                result = run_predict()
+            else:
+                result = run_predict()
+                timed, failures = run_bench()
             if failures or result.skipped:
                 raise SystemExit(f"timing failed: {failures or result.skipped}")
             for mine, theirs in ((predicted, result.timings), (benched, timed[name])):

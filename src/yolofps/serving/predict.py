@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import glob
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -172,8 +173,6 @@ def _hidden(relative: Path) -> bool:
 
 
 def _common_parent(files: list[Path]) -> str:
-    import os
-
     return os.path.commonpath([str(p.resolve().parent) for p in files])
 
 
