@@ -87,7 +87,48 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--port", type=port, default=5000)
     ui.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     ui.set_defaults(handler=_ui)
+    _add_predict(commands)
     return parser
+
+
+def _add_predict(commands) -> None:
+    """`yolofps predict SOURCE`: a model on images, a folder, a glob, a video or a camera (ultralytics' predict)."""
+    predict = commands.add_parser(
+        "predict", help="detect objects in images, folders, globs, videos or a camera; annotated outputs + timings",
+        description="Run a model on SOURCE through the bench's pipeline: annotated images (an .mp4 per video) and "
+        "detections (original pixels, class names) in a new runs/predict/<N>, and the per-image pre / model / "
+        "post times. Unreadable files and frames are reported and skipped.")
+    predict.add_argument("source", help="an image or video file, a folder, a glob ('images/*.jpg') or a camera index")
+    predict.add_argument("--model", help="models:/NAME@ALIAS or models:/NAME/VERSION, a bench variant of "
+                         "metrics/bench.json (or `selected`), a checkpoint folder, an .onnx file or an OpenVINO IR "
+                         "folder (default: models:/<register.model_name>@champion)")
+    predict.add_argument("--out", help="output folder (default: a new numbered folder under runs/predict)")
+    predict.add_argument("--format", choices=["csv", "json"], default="csv", help="detections file (default: csv)")
+    predict.add_argument("--no-save", action="store_true", help="write no annotated images or videos")
+    predict.add_argument("--conf", type=float, help="confidence threshold (default: the model's deployment setting)")
+    predict.add_argument("--iou", type=float, help="NMS IoU threshold (default: the model's deployment setting)")
+    predict.add_argument("--max-det", type=int, help="most detections per image (default: the deployment setting)")
+    predict.add_argument("--dtype", choices=["fp32", "fp16", "bf16", "int8"],
+                         help="precision of a model given by path (default fp32; an INT8 ONNX/IR is int8)")
+    predict.add_argument("--params", default="params.yaml", help="the project's params file (default: params.yaml)")
+    predict.set_defaults(handler=_predict)
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from yolofps.serving import predict, sources
+
+    source = predict.open_source(args.source)  # a SOURCE that names nothing fails before the model loads
+    opened = sources.open_model(args.model or sources.default_model(args.params), args.params, dtype=args.dtype)
+    detector = predict.with_nms(opened.detector, args.conf, args.iou, args.max_det)
+    description = opened.description
+    if (args.conf, args.iou, args.max_det) != (None, None, None):
+        c = detector.config
+        description += f"; NMS from the command line: conf {c.conf} iou {c.iou} max_det {c.max_det}"
+    print(f"predict: {description}", flush=True)
+    job = predict.PredictJob(args.source, Path(args.out) if args.out else None, args.format, save=not args.no_save)
+    result = predict.predict(detector, job, description=description, source=source)
+    print(result.line())
+    return 0 if result.images else 1
 
 
 def _promote(args: argparse.Namespace) -> int:

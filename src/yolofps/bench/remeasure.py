@@ -18,15 +18,15 @@ from yolofps.bench.environment import device_name, environment_stamp
 from yolofps.config import Config
 from yolofps.data import formats
 from yolofps.paths import Paths
-from yolofps.runtime import Deployment, Execution, Pipeline
+from yolofps.runtime import Deployment, Pipeline
 
 
 def row_pipeline(root: Path, row: dict[str, Any], deployment: Deployment) -> Pipeline:
     """The pipeline a metrics/bench.json row describes (runtime, mode, dtype, threads, artifact), rebuilt here."""
-    from yolofps.serving.detector import load_pipeline  # serving sits above bench: imported on use
+    from yolofps.serving.sources import bench_detector  # serving sits above bench: imported on use
 
-    execution = Execution(row["runtime"], row["mode"], row["dtype"], row.get("threads", 0))
-    return load_pipeline(root / row["artifact"], execution, deployment, row["device"])
+    # the deployment exactly as given: a serving config has no multi_label (evaluation-style callers keep theirs)
+    return bench_detector(root, row, deployment).pipeline.with_deployment(deployment)
 
 
 def remeasure(detectors: dict[str, Any], images: Sequence[Path], *, warmup: int, runs: int) -> dict[str, dict]:

@@ -114,8 +114,11 @@ def aliases(cfg: MLflowConfig, model_name: str) -> dict[str, int]:
     return {alias: int(version) for alias, version in model.aliases.items()}
 
 
-def load_detector(cfg: MLflowConfig, model_name: str, alias: str, *, retries: int = 3, backoff_s: float = 2.0):
-    """A registered version by alias, loaded the way a caller loads it: (version, tags, serving Detector)."""
+def load_detector(cfg: MLflowConfig, model_name: str, alias: str = "", *, version: int | None = None,
+                  retries: int = 3, backoff_s: float = 2.0):
+    """A registered version by alias (or by number), loaded the way a caller loads it: (version, tags, Detector)."""
+    if bool(alias) == (version is not None):
+        raise ValueError("load_detector takes an alias or a version, not both and not neither")
     _quiet_http_retries()
     import mlflow
     from mlflow import MlflowClient
@@ -123,12 +126,14 @@ def load_detector(cfg: MLflowConfig, model_name: str, alias: str, *, retries: in
     client = MlflowClient(tracking_uri=cfg.tracking_uri)
 
     def attempt():
-        version = client.get_model_version_by_alias(model_name, alias)
+        found = (client.get_model_version_by_alias(model_name, alias) if alias
+                 else client.get_model_version(model_name, str(version)))
         mlflow.set_tracking_uri(cfg.tracking_uri)  # models:/ URIs resolve against the global tracking URI
-        model = mlflow.pyfunc.load_model(f"models:/{model_name}/{version.version}")
-        return int(version.version), dict(version.tags), model.unwrap_python_model().detector
+        model = mlflow.pyfunc.load_model(f"models:/{model_name}/{found.version}")
+        return int(found.version), dict(found.tags), model.unwrap_python_model().detector
 
-    return with_retries(f"loading {model_name}@{alias}", attempt, uri=cfg.tracking_uri, retries=retries,
+    which = f"@{alias}" if alias else f" v{version}"
+    return with_retries(f"loading {model_name}{which}", attempt, uri=cfg.tracking_uri, retries=retries,
                         backoff_s=backoff_s)
 
 
