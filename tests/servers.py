@@ -87,7 +87,12 @@ def _make_folder() -> Path:
     """A private temp folder the server user owns (pytest's tmp_path is root-only, so not there)."""
     folder = Path(tempfile.mkdtemp(prefix="yolofps-pg-"))  # short: the unix socket path must stay < 108 bytes
     if os.geteuid() == 0:
-        account = pwd.getpwnam(SERVER_USER)  # KeyError: no postgres user, i.e. Debian's package is not installed
+        try:
+            account = pwd.getpwnam(SERVER_USER)
+        except KeyError:
+            folder.rmdir()
+            raise RuntimeError(f"running as root, PostgreSQL needs the {SERVER_USER!r} system user to run as "
+                               "(Debian's postgresql package creates it)") from None
         os.chown(folder, account.pw_uid, account.pw_gid)
     return folder
 

@@ -110,8 +110,8 @@ def check_flow_run(api_url: str, pg: Postgres, flow_run_id: str, worker_log: Pat
 
     with temporary_settings({PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
         run = client.read_flow_run(flow_run_id)
+        assert run.state.is_completed(), f"{run.state.type}: {run.state.message}\n{worker_log.read_text()[-4000:]}"
         durations = _artifact(client, flow_run_id, "stage-durations")
-    assert run.state.is_completed(), f"{run.state.type}: {run.state.message}\n{worker_log.read_text()[-4000:]}"
     assert run.work_pool_name == POOL and run.infrastructure_pid  # the process worker records its child's PID
     assert int(run.infrastructure_pid.rsplit(":", 1)[-1]) != os.getpid()
     ran = {row["stage"] for row in json.loads(durations.data) if row["status"] == "ran"}
