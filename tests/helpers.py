@@ -149,19 +149,23 @@ def wait_for_url(url: str, process: subprocess.Popen, timeout: float = 120) -> N
             time.sleep(0.5)
 
 
-def start_mlflow_server(folder: Path) -> tuple[subprocess.Popen, str]:
-    """A real `mlflow server` on a free loopback port over an SQLite store in `folder`; returns (process, uri).
+def start_mlflow_server(folder: Path, backend_uri: str | None = None,
+                        env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """A real `mlflow server` on a free loopback port; returns (process, uri).
 
-    It runs in its own process group, so `os.killpg(process.pid, ...)` stops it and its workers.
+    Its backend store is `backend_uri` (e.g. postgresql+psycopg2://..., credentials in `env`) or an SQLite file in
+    `folder`; artifacts go to `folder`/artifacts, its output to `folder`/mlflow-server.log. It runs in its own process
+    group, so `os.killpg(process.pid, ...)` stops it and its workers.
     """
     port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{folder / 'server.db'}",
-         "--artifacts-destination", str(folder / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-         "--workers", "1"], env=tool_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        start_new_session=True)
+    with open(folder / "mlflow-server.log", "w") as log:  # the child keeps its own handle
+        process = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
+             backend_uri or f"sqlite:///{folder / 'server.db'}", "--artifacts-destination", str(folder / "artifacts"),
+             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"], env=tool_env() | (env or {}),
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     uri = f"http://127.0.0.1:{port}"
-    wait_for_url(f"{uri}/health", process)
+    wait_for_url(f"{uri}/health", process, timeout=180)  # a new database: MLflow runs its migrations first
     return process, uri
 
 
