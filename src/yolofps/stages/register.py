@@ -12,6 +12,7 @@ Writes `reports/registered_model.json` (the receipt).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import sys
@@ -30,6 +31,8 @@ from yolofps.metric_names import MAP50, MAP50_95
 from yolofps.paths import Paths
 from yolofps.registry import describe_version, promote, register_model
 from yolofps.registry.card import CardFacts, model_chain, render
+from yolofps.runtime import Deployment
+from yolofps.serving.sources import row_config
 from yolofps.stages import StageResult
 
 CODE_FILE = Path(yolofps.__file__).parent / "serving" / "mlflow_model.py"
@@ -101,9 +104,9 @@ def pyfunc_arguments(paths: Paths, row: dict[str, Any], names: list[str], deploy
     """mlflow.pyfunc.log_model's keyword arguments: the code file, the artifact, how it runs, an input example."""
     import pandas as pd
 
-    model_config = {"runtime": row["runtime"], "mode": row["mode"], "dtype": row["dtype"], "imgsz": row["imgsz"],
-                    "names": names, "conf": deployment["conf"], "iou": deployment["iou"],
-                    "max_det": deployment["max_det"], "device": "auto", "threads": row.get("threads", 0)}
+    # how the bench ran it, except the device: a torch variant takes the GPU of whoever loads it
+    serving = dataclasses.replace(row_config(row, Deployment(**deployment), names), device="auto")
+    model_config = dataclasses.asdict(serving)
     example = formats.list_images(paths.augmented_data / "images" / "val")[:1]
     return {"python_model": str(CODE_FILE), "artifacts": {"model": str(paths.root / row["artifact"])},
             "model_config": model_config, "code_paths": [str(CODE_FILE.parents[1])],
