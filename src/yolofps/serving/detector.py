@@ -65,9 +65,13 @@ class Detector:
 
     def rows(self, images: Sequence[str | Path | np.ndarray]) -> list[dict[str, Any]]:
         """Detections as records: image index, box xyxy in original pixels, score, class id and name."""
+        return self.records(self.detect(images))
+
+    def records(self, detections: Sequence[np.ndarray]) -> list[dict[str, Any]]:
+        """Per-image [k, 6] detections (`detect`'s, or a timed pipeline run's) as `rows`' records (COLUMNS)."""
         names = self.config.names
         out = []
-        for index, dets in enumerate(self.detect(images)):
+        for index, dets in enumerate(detections):
             for x1, y1, x2, y2, score, cls in dets.tolist():
                 out.append({"image_index": index, "x1": x1, "y1": y1, "x2": x2, "y2": y2, "score": score,
                             "class_id": int(cls), "class_name": names[int(cls)] if int(cls) < len(names) else str(cls)})
