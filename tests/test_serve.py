@@ -175,6 +175,29 @@ def test_bad_requests_get_a_4xx_with_a_message_and_the_server_stays_up(server, p
     assert post(f"{server}/predict", good)[0] == 200
 
 
+def test_the_load_test_client_drives_the_server_and_its_rows_fit_the_history(server, project):
+    """benchmarks/serve_load.py's client at 4 clients against the running server, then history_rows of its rows."""
+    import asyncio
+
+    from benchmarks import serve_load
+
+    port = int(server.rsplit(":", 1)[1])
+    target = serve_load.Server("yolofps", [], port, "/predict", "/health")
+    payloads = [target.request(path.read_bytes()) for path in val_images(project)]
+    before = serve_load.health(target)
+    measured = asyncio.run(serve_load.drive(target, payloads, 4, 20, timeout_s=60))
+    row = serve_load.level_row(target, 4, measured, (1.0, 2.0)) | serve_load.batching(before, serve_load.health(target))
+    assert row["requests"] == row["ok"] == 20 and row["errors"] == 0 and row["p50_ms"] <= row["p99_ms"]
+    assert row["mean_batch"] >= 1
+    result = {"settings": {"variant": "v", "runtime": "onnxruntime", "dtype": "fp32", "imgsz": "64", "threads": "1"},
+              "results": [row], "servers": {"yolofps": {"about": before}}}
+    (history,) = serve_load.history_rows(result)
+    assert history["source"] == "serve:yolofps" and history["batch"] == 4 and history["throughput"] == row["throughput"]
+    assert set(history) == {"source", "variant", "runtime", "dtype", "batch", "imgsz", "threads", "p50_ms", "p95_ms",
+                            "p99_ms", "throughput", "extra"}
+    assert history["extra"]["concurrency"] == 4 and history["extra"]["errors"] == 0
+
+
 def test_the_default_max_batch_is_the_bench_rows_best_batch(project):
     detector, row = registered_detector(project)
     found = bench_row(project / "metrics" / "bench.json", detector.config)

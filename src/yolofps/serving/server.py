@@ -138,6 +138,7 @@ class Batcher:
         self.incoming = 0  # requests accepted and still being read or decoded: worth waiting for
         self.batch_sizes: Counter[int] = Counter()
         self.model_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        self.task: asyncio.Task | None = None  # `run`, started with the app
 
     async def detect(self, image: np.ndarray) -> tuple[np.ndarray, dict[str, float], int]:
         """One image's detections [k, 6], its batch's timing (ms, plus this image's queue wait) and batch size."""
@@ -241,9 +242,9 @@ def create_app(detector: Detector, options: ServeOptions, about: dict[str, Any] 
 
     @asynccontextmanager
     async def lifespan(app):
-        task = asyncio.create_task(batcher.run())
+        batcher.task = asyncio.create_task(batcher.run())
         yield
-        task.cancel()
+        batcher.task.cancel()
         batcher.model_thread.shutdown(wait=False)
         decoders.shutdown(wait=False)
 
@@ -266,7 +267,8 @@ def create_app(detector: Detector, options: ServeOptions, about: dict[str, Any] 
         return answer
 
     async def health(request):
-        return JSONResponse(health_report(detector, options, batcher, counts, started) | (about or {}))
+        report = health_report(detector, options, batcher, counts, started) | (about or {})
+        return JSONResponse(report, 200 if report["status"] == "ok" else 503)
 
     routes = [Route("/predict", predict, methods=["POST"]), Route("/health", health, methods=["GET"])]
     return Starlette(routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error})
@@ -294,8 +296,10 @@ def health_report(detector: Detector, options: ServeOptions, batcher: Batcher, c
     """What /health answers: the model as loaded, the batching settings, and what the server has done so far."""
     config = detector.config
     sizes = batcher.batch_sizes
-    return {"status": "ok", "runtime": config.runtime, "mode": config.mode, "dtype": config.dtype,
-            "imgsz": config.imgsz, "threads": config.threads, "device": detector.pipeline.info.kind,
+    running = batcher.task is not None and not batcher.task.done()
+    return {"status": "ok" if running else "batcher stopped", "runtime": config.runtime, "mode": config.mode,
+            "dtype": config.dtype, "imgsz": config.imgsz, "threads": config.threads,
+            "device": detector.pipeline.info.kind,
             "classes": len(config.names), "uptime_s": round(time.time() - started, 1),
             "requests": sum(counts.values()), "responses": dict(sorted(counts.items())),
             "served": sum(size * n for size, n in sizes.items()), "batches": sum(sizes.values()),
