@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     ui.set_defaults(handler=_ui)
     _add_predict(commands)
+    _add_serve(commands)
     return parser
 
 
@@ -177,6 +178,55 @@ def _ui(args: argparse.Namespace) -> int:
                "--host", "127.0.0.1", "--port", str(args.port)]
     print(f"MLflow UI on http://127.0.0.1:{args.port} (Ctrl-C stops it)", flush=True)
     return subprocess.call(command, env=os.environ | {"MLFLOW_DISABLE_TELEMETRY": "true"})  # offline by design
+
+
+# --- serve: the model server (yolofps.serving.server) ---
+
+def _add_serve(commands) -> None:
+    """`yolofps serve`: the HTTP model server over the one inference runtime, with request batching."""
+    # defaults stay None here (ServeOptions owns them; the help text is checked against it by tests/test_serve.py):
+    # importing the server module would put it on the path of every stage command
+    serve = commands.add_parser("serve", help="serve a model over HTTP on 127.0.0.1 (POST /predict, GET /health)",
+                                description="Serve a model over HTTP: POST an image file's bytes to /predict, get "
+                                "its detections as JSON; concurrent requests are batched. No authentication.")
+    serve.add_argument("--model", default="models:/yolofps-detector@champion",
+                       help="models:/NAME@ALIAS or models:/NAME/VERSION, a model folder or file (default: "
+                       "models:/yolofps-detector@champion)")
+    serve.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; anything else is "
+                       "reachable from the network without authentication)")
+    serve.add_argument("--port", type=port, default=8000)
+    serve.add_argument("--max-batch", type=int, help="most requests run as one batch (default: the batch size "
+                       "with the best throughput in the project's metrics/bench.json, else 1)")
+    serve.add_argument("--max-wait-ms", type=float, help="longest wait for a batch to fill while requests are "
+                       "still arriving (default 2.0 ms)")
+    serve.add_argument("--max-bytes", type=int, help="largest request body, else 413 (default 16777216)")
+    serve.add_argument("--max-pixels", type=int, help="largest image width x height, else 413 (default 40000000)")
+    serve.set_defaults(handler=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from yolofps.errors import ConfigError
+    from yolofps.serving.server import ServeOptions, bench_row, best_batch, serve
+    from yolofps.serving.sources import open_detector
+
+    given = {key: getattr(args, key) for key in ("max_batch", "max_wait_ms", "max_bytes", "max_pixels")
+             if getattr(args, key) is not None}
+    if any(value <= 0 for key, value in given.items() if key != "max_wait_ms") or given.get("max_wait_ms", 0) < 0:
+        raise ConfigError("--max-batch, --max-bytes and --max-pixels must be > 0, --max-wait-ms >= 0")
+    detector = open_detector(args.model, args.params)
+    row = bench_row(Path(args.params).parent / "metrics" / "bench.json", detector.config)
+    source = "--max-batch" if "max_batch" in given else f"bench row {row['name']}" if row else "no bench figures"
+    given.setdefault("max_batch", best_batch(row and row.get("throughput")))
+    options = ServeOptions(**given)
+    about = {"model": args.model, "variant": row["name"] if row else None, "max_batch_from": source}
+    c = detector.config
+    print(f"yolofps serve: {args.model} ({about['variant'] or 'variant not in metrics/bench.json'}: {c.runtime} "
+          f"{c.mode} {c.dtype} @{c.imgsz}), max batch {options.max_batch} ({source}); warming up", flush=True)
+    serve(detector, options, host=args.host, port=args.port, about=about,
+          ready=lambda url: print(f"yolofps serve: POST images to {url}/predict, GET {url}/health (Ctrl-C stops)",
+                                  flush=True))
+    return 0
 
 
 def _run_stage(args: argparse.Namespace) -> int:

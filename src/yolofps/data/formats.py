@@ -130,9 +130,14 @@ def decode_image(path: str | Path) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise DataSetError(f"{path}: not a regular file; not opened")
-    image = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_COLOR)
+    return decode_image_bytes(np.fromfile(path, dtype=np.uint8), str(path))
+
+
+def decode_image_bytes(data: bytes | np.ndarray, source: str) -> np.ndarray:
+    """uint8 BGR HWC of an encoded image (a file's bytes, an HTTP body); `source` names it in the DataSetError."""
+    image = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
     if image is None:
-        raise DataSetError(f"{path}: not an image OpenCV can decode (the decoder every stage uses)")
+        raise DataSetError(f"{source}: not an image OpenCV can decode (the decoder every stage uses)")
     return image
 
 

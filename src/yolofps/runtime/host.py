@@ -63,6 +63,11 @@ def read_rgb(path: str | Path) -> np.ndarray:
     return cv2.cvtColor(formats.decode_image(path), cv2.COLOR_BGR2RGB)
 
 
+def decode_rgb(data: bytes, source: str) -> np.ndarray:
+    """`read_rgb` of an image file's bytes (an upload); not decodable is a DataSetError naming `source`."""
+    return cv2.cvtColor(formats.decode_image_bytes(data, source), cv2.COLOR_BGR2RGB)
+
+
 def preprocess(images: Sequence[Image], imgsz: int, info: dev.DeviceInfo) -> tuple[torch.Tensor, list[Letterboxed]]:
     """Image files (or uint8 RGB HWC arrays) -> float [B, 3, S, S] in 0..1 on the device, and their letterboxes."""
     arrays, metas = [], []

@@ -65,7 +65,11 @@ class Detector:
 
     def rows(self, images: Sequence[str | Path | np.ndarray]) -> list[dict[str, Any]]:
         """Detections as records: image index, box xyxy in original pixels, score, class id and name."""
-        return detection_rows(self.detect(images), self.config.names)
+        return self.records(self.detect(images))
+
+    def records(self, detections: Sequence[np.ndarray]) -> list[dict[str, Any]]:
+        """Per-image [k, 6] detections (`detect`'s, or a timed pipeline run's) as `rows`' records (COLUMNS)."""
+        return detection_rows(detections, self.config.names)
 
 
 def detection_rows(detections: Sequence[np.ndarray], names: Sequence[str]) -> list[dict[str, Any]]:
