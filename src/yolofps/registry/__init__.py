@@ -14,11 +14,11 @@ from yolofps.registry.common import (
     RegistryUnavailable,
     with_retries,
 )
-from yolofps.registry.promotion import Gate, Promotion, champion_history, check_gates, promote
+from yolofps.registry.promotion import FpsPair, Gate, Judge, Promotion, champion_history, check_gates, promote
 from yolofps.registry.tracking import TrackingRun, flatten, log_to_parent_run, pipeline_parent_run, resolve_tracking_uri
 from yolofps.registry.versions import Registration, aliases, load_detector, register_model, set_version_tags
 
-__all__ = ["CHALLENGER", "CHAMPION", "HISTORY_PREFIX", "Gate", "Promotion", "Registration", "RegistryError",
-           "RegistryUnavailable", "TrackingRun", "aliases", "champion_history", "check_gates", "flatten",
-           "load_detector", "log_to_parent_run", "pipeline_parent_run", "promote", "register_model",
+__all__ = ["CHALLENGER", "CHAMPION", "HISTORY_PREFIX", "FpsPair", "Gate", "Judge", "Promotion", "Registration",
+           "RegistryError", "RegistryUnavailable", "TrackingRun", "aliases", "champion_history", "check_gates",
+           "flatten", "load_detector", "log_to_parent_run", "pipeline_parent_run", "promote", "register_model",
            "resolve_tracking_uri", "set_version_tags", "with_retries"]
