@@ -303,6 +303,16 @@ def test_bench_history_prints_the_rows_newest_first_with_filters(shared_run, cap
     assert "--limit" in capsys.readouterr().err
 
 
+def test_yolofps_bench_alone_still_runs_the_stage():
+    from yolofps import cli
+
+    parser = cli.build_parser()
+    stage = parser.parse_args(["bench", "-S", "bench.runs=3", "--params", "p.yaml"])
+    assert (stage.handler, stage.overrides, stage.params) == (cli._run_stage, ["bench.runs=3"], "p.yaml")
+    history = parser.parse_args(["bench", "history", "--device", "EPYC", "--limit", "5"])
+    assert (history.handler, history.device, history.limit, history.model) == (cli._bench_history, "EPYC", 5, None)
+
+
 @pytest.fixture(scope="module")
 def registered(shared_run, tmp_path_factory):
     """A copy of the shared run (its benchmark rows included) with its own MLflow store: the selected variant
