@@ -5,7 +5,8 @@
 
 A version's `fps_b1` tag is only comparable on the device it was measured on (the promotion gate refuses to
 compare FPS across devices). Run this flow where the model will serve (a GPU box, a production CPU) before
-`flows.promote`: both versions then carry figures from one device, measured in one interleaved run.
+`flows.promote`: both versions then carry figures from one device, measured in one interleaved run, and the
+benchmark store (bench.store) holds them as one `rebench` run, which the promotion FPS gate prefers to the tags.
 """
 
 from __future__ import annotations
@@ -35,7 +36,9 @@ def bench(aliases: list[str] | None = None, runs: int | None = None, project_dir
     table = [{"alias": alias, "version": r.get("version"), "fps_b1": r.get("fps_b1"),
               "p50_ms": (r.get("latency_ms_b1") or {}).get("p50"), "device": r.get("bench_device_name"),
               "note": r.get("error") or r.get("skipped", "")} for alias, r in results.items()]
-    create_table_artifact(table, key="rebench", description="Registered versions re-measured side by side")
+    recorded = next((r["history"] for r in results.values() if "history" in r), "nothing measured")
+    create_table_artifact(table, key="rebench", description=f"Registered versions re-measured side by side; "
+                          f"benchmark store: {recorded}")
     print(json.dumps(table, indent=2))
     return results
 

@@ -33,11 +33,13 @@ def project_config(project_dir: str) -> Config:
 def promote_version(project_dir: str, alias: str = "challenger", version: int | None = None, *, force: bool = False,
                     reason: str = "", dry_run: bool = False) -> dict[str, Any]:
     """Run the promotion gates for a version against @champion; move @champion when they pass (or forced)."""
-    from yolofps.registry import promote
+    from yolofps.history import same_run_fps
+    from yolofps.registry import Judge, promote
 
     cfg = project_config(project_dir)
     r = cfg.register
-    result = promote(cfg.mlflow, r.model_name, r.gates, version=version, alias=alias if version is None else "",
+    judge = Judge(r.gates, same_run_fps(cfg.bench.store, Path(project_dir).resolve()))  # FPS from one measuring run
+    result = promote(cfg.mlflow, r.model_name, judge, version=version, alias=alias if version is None else "",
                      dry_run=dry_run, force=force, reason=reason or "Prefect promote flow",
                      user=f"prefect ({getpass.getuser()})", retries=r.retries, backoff_s=r.backoff_s)
     get_run_logger().info("\n%s", result.table())

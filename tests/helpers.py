@@ -32,8 +32,9 @@ TINY_PARAMS = {
 SHARED_PARAMS = TINY_PARAMS | {"data.num_train": 8, "augment.copies": 0, "bench.conf": 0.0,
                                "bench.min_agreement": 0.5, "bench.min_agreement_int8": 0.0}
 SHARED_PIPELINE_RUN_ID = "shared-run"  # the pipeline run id the shared run's stages tag their MLflow runs with
-# written by DVC itself, or the project's MLflow store (mlflow.tracking_uri: sqlite:///mlflow.db): never a stage out
-DVC_AND_TRACKING = (".dvc", ".git", "dvc.lock", "mlflow.db", "mlruns")
+# written by DVC itself, the project's MLflow store (mlflow.tracking_uri: sqlite:///mlflow.db) or its benchmark
+# history (bench.store: sqlite:///benchmarks.db): never a stage out
+DVC_AND_TRACKING = (".dvc", ".git", "dvc.lock", "mlflow.db", "mlruns", "benchmarks.db")
 
 TINY_SPEC = SyntheticSpec(num_train=6, num_val=3, image_size=96, min_aspect=0.75, max_objects=4,
                           background_fraction=0.2, min_visible=0.3)

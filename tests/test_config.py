@@ -133,6 +133,8 @@ def test_malformed_yaml_names_file_line_and_column(tmp_path):
     ("prune.ratios=0.5", "prune.ratios"),
     ("distill.ratio=0.4", "distill.ratio"),
     ("bench.modes=[eager, turbo]", "bench.modes"),
+    ("bench.store=benchmarks.db", "bench.store"),  # a path, not a URL
+    ("bench.store=postgresql://bench:hunter2@db.example/bench", "bench.store"),  # the password belongs in the env
     ("register.model_name=my model", "register.model_name"),
     ("register.gates.map_tolerance=2", "register.gates.map_tolerance"),
     ("mlflow.tracking_uri=", "mlflow.tracking_uri"),

@@ -89,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     ui.set_defaults(handler=_ui)
     _add_predict(commands)
     _add_serve(commands)
+    _add_bench_history(commands.choices["bench"])
     return parser
 
 
@@ -132,18 +133,50 @@ def _predict(args: argparse.Namespace) -> int:
     return 0 if result.images else 1
 
 
+# --- `yolofps bench history`: an optional sub-command of the bench stage (`yolofps bench` alone runs the stage) ---
+def _add_bench_history(bench: argparse.ArgumentParser) -> None:
+    """`yolofps bench history [--device TEXT] [--model TEXT] [--limit N] [--params FILE]`."""
+    about = "print the benchmark history (bench.store), newest first"
+    sub = bench.add_subparsers(dest="bench_command", metavar="[history]", required=False,
+                               description="without a sub-command: run the bench stage")
+    history = sub.add_parser("history", help=about, description=f"{about}: one row per measurement (bench stage, "
+                             "re-bench, load test).")
+    history.add_argument("--device", help="part of the device name, e.g. EPYC or H200 (any case)")
+    history.add_argument("--model", help="a registered model name, NAME/VERSION, a variant, or a content-hash prefix")
+    history.add_argument("--limit", type=int, default=50, help="newest N rows (default 50)")
+    history.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    history.set_defaults(handler=_bench_history)
+
+
+def _bench_history(args: argparse.Namespace) -> int:
+    from yolofps import history
+    from yolofps.config import load_config
+    from yolofps.errors import ConfigError
+
+    if args.limit < 1:
+        raise ConfigError(f"--limit must be at least 1, got {args.limit}")
+    cfg = load_config(args.params)
+    store = history.open_store(cfg.bench.store, root=Path(args.params).resolve().parent)
+    rows = store.query(device=args.device, model=args.model, limit=args.limit)
+    print(history.table(rows) if rows else f"no measurements in {store.url} match")
+    return 0
+# --- end of `yolofps bench history` ---
+
+
 def _promote(args: argparse.Namespace) -> int:
     import getpass
 
     from yolofps.config import load_config
     from yolofps.errors import ConfigError
-    from yolofps.registry import promote
+    from yolofps.history import same_run_fps
+    from yolofps.registry import Judge, promote
 
     if args.force and not args.reason.strip():
         raise ConfigError("--force needs --reason TEXT: the promotion history records who forced what and why")
     cfg = load_config(args.params)
     r = cfg.register
-    result = promote(cfg.mlflow, r.model_name, r.gates, version=args.version,
+    judge = Judge(r.gates, same_run_fps(cfg.bench.store, Path(args.params).resolve().parent))  # FPS from one run
+    result = promote(cfg.mlflow, r.model_name, judge, version=args.version,
                      alias=args.alias if args.version is None else "", dry_run=args.dry_run, force=args.force,
                      reason=args.reason, user=getpass.getuser(), retries=r.retries, backoff_s=r.backoff_s)
     print(result.table())

@@ -20,3 +20,11 @@ class TransientError(YolofpsError):
 
 
 EXIT_TEMPFAIL = 75  # sysexits.h: "temporary failure; the user is invited to retry" (the flow retries these)
+
+
+class StoreError(YolofpsError):
+    """The benchmark store (`bench.store`) cannot be used: a bad URL, a missing driver, or a failed migration."""
+
+
+class StoreUnavailable(StoreError, TransientError):
+    """The benchmark store's database server did not answer: a later attempt may succeed."""

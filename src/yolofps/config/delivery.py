@@ -34,6 +34,7 @@ class BenchConfig:
     policy: Literal["fastest_within_drop", "pareto"]
     max_map_drop: float  # mAP50-95 a selectable variant may lose against the baseline
     fps_tie: float  # FPS within this fraction of the fastest counts as tied; the most accurate wins
+    store: str  # the benchmark history: a SQLAlchemy URL every measurement is appended to (yolofps.history)
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.modes) - set(BENCH_MODES))
@@ -52,6 +53,13 @@ class BenchConfig:
                "bench.min_agreement and bench.min_agreement_int8 must be in [0, 1]")
         _check(0 <= self.max_map_drop <= 1, "bench.max_map_drop must be in [0, 1]")
         _check(0 <= self.fps_tie < 1, "bench.fps_tie must be in [0, 1)")
+        _check(bool(re.match(r"[A-Za-z][A-Za-z0-9+]*://", self.store)),
+               f"bench.store must be a SQLAlchemy URL such as sqlite:///benchmarks.db or postgresql://user@host/db, "
+               f"got {self.store!r}")
+        # params.yaml is committed and logged: the password comes from the environment (yolofps.history.store)
+        _check(not has_secret(self.store), "bench.store must not contain a password or token (params.yaml is "
+               "committed to git and logged): set YOLOFPS_BENCH_STORE_PASSWORD (or, for PostgreSQL, PGPASSWORD or "
+               "~/.pgpass) in the environment instead")
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from yolofps.registry.common import (
     RegistryUnavailable,
     with_retries,
 )
-from yolofps.registry.promotion import Gate, Promotion, champion_history, check_gates, promote
+from yolofps.registry.promotion import FpsPair, Gate, Judge, Promotion, champion_history, check_gates, promote
 from yolofps.registry.tracking import TrackingRun, flatten, log_to_parent_run, pipeline_parent_run, resolve_tracking_uri
 from yolofps.registry.versions import (
     Registration,
@@ -25,7 +25,8 @@ from yolofps.registry.versions import (
     set_version_tags,
 )
 
-__all__ = ["CHALLENGER", "CHAMPION", "HISTORY_PREFIX", "Gate", "Promotion", "Registration", "RegistryError",
-           "RegistryUnavailable", "TrackingRun", "aliases", "champion_history", "check_gates", "describe_version",
+__all__ = ["CHALLENGER", "CHAMPION", "HISTORY_PREFIX", "FpsPair", "Gate", "Judge", "Promotion", "Registration",
+           "RegistryError", "RegistryUnavailable", "TrackingRun", "aliases", "champion_history", "check_gates",
+           "describe_version",
            "flatten", "load_detector", "log_to_parent_run", "pipeline_parent_run", "promote", "register_model",
            "resolve_tracking_uri", "set_version_tags", "with_retries"]

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from yolofps import device as dev
+from yolofps import history
 from yolofps.bench import contract, measure, report
 from yolofps.bench.environment import environment_stamp
 from yolofps.bench.rows import BenchRow
@@ -74,6 +75,8 @@ def source_models(paths: Paths) -> list[SourceModel]:
 def run(cfg: Config, paths: Paths = Paths()) -> StageResult:
     """Benchmark every variant, judge it, select one, and write the contract and the reports."""
     b = cfg.bench
+    # opened first: a bad URL or a server that is down stops the stage before it measures anything
+    store = history.open_store(b.store, root=paths.root)
     info = dev.resolve(cfg.device, amp=False)
     if b.threads:
         torch.set_num_threads(b.threads)
@@ -97,8 +100,11 @@ def run(cfg: Config, paths: Paths = Paths()) -> StageResult:
         contract.validate(result)  # what the registry and other tools read: never write a broken one
         write_json(paths.metrics("bench"), result)
         reports, table = write_reports(paths, rows, result, deployment)
+        # after every output is on disk: a store failure now is a warning, metrics/bench.json holds the figures
+        measuring = history.MeasuringRun.start("bench", paths.root, to_dict(b))
+        recorded = history.append_or_warn(store, history.bench_measurements(result, paths.root, measuring))
         tracking.log_metrics(result["summary"], step=0)
-        tracking.set_tags({"selected": str(selected["name"])})
+        tracking.set_tags({"selected": str(selected["name"]), "history": recorded[:5000]})
         for artifact in (reports, paths.metrics("bench")):
             tracking.log_artifacts(artifact, "bench")
             log_to_parent_run(cfg.mlflow, artifact, "bench")

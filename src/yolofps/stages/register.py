@@ -13,13 +13,13 @@ Writes `reports/registered_model.json` (the receipt).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import sys
 from pathlib import Path
 from typing import Any
 
 import yolofps
+from yolofps import history
 from yolofps.bench import contract
 from yolofps.bench.environment import device_name
 from yolofps.config import Config, to_dict
@@ -29,7 +29,7 @@ from yolofps.fileio import write_json
 from yolofps.lineage import dvc_input_hashes, lineage_tags
 from yolofps.metric_names import MAP50, MAP50_95
 from yolofps.paths import Paths
-from yolofps.registry import describe_version, promote, register_model
+from yolofps.registry import Judge, describe_version, promote, register_model
 from yolofps.registry.card import CardFacts, model_chain, render
 from yolofps.runtime import Deployment
 from yolofps.serving.sources import row_config
@@ -70,17 +70,6 @@ def chosen_variant(bench: dict[str, Any], wanted: str) -> dict[str, Any]:
     return row
 
 
-def content_hash(artifact: Path, row: dict[str, Any]) -> str:
-    """sha256 of the model files plus how it runs: the same content registers once."""
-    how = [row["runtime"], row["mode"], row["dtype"], row["imgsz"]] + ([row["threads"]] if row.get("threads") else [])
-    digest = hashlib.sha256(json.dumps(how).encode())
-    files = sorted(p for p in artifact.rglob("*") if p.is_file()) if artifact.is_dir() else [artifact]
-    for path in files:
-        digest.update(path.name.encode())
-        digest.update(path.read_bytes())
-    return digest.hexdigest()[:32]
-
-
 def version_tags(paths: Paths, cfg: Config, row: dict[str, Any], bench: dict[str, Any]) -> dict[str, str]:
     """Lineage and benchmark figures, so a version answers "where from, how fast" without opening anything."""
     env = bench["environment"]
@@ -117,6 +106,7 @@ def pyfunc_arguments(paths: Paths, row: dict[str, Any], names: list[str], deploy
 def run(cfg: Config, paths: Paths = Paths()) -> StageResult:
     """Register the chosen variant (once per content), set @challenger, optionally promote; write the receipt."""
     r = cfg.register
+    store = history.open_store(cfg.bench.store, root=paths.root)  # before registering: a bad URL stops it here
     bench = json.loads(paths.metrics("bench").read_text())
     contract.validate(bench, str(paths.metrics("bench")))
     row = chosen_variant(bench, r.variant)
@@ -127,8 +117,9 @@ def run(cfg: Config, paths: Paths = Paths()) -> StageResult:
     # a baseline started from train.weights carries where it came from
     tags |= {k: str(meta[k]) for k in ("start_weights", "start_weights_sha256") if meta.get(k)}
     numbers = {"fps_b1": row["fps_b1"], MAP50_95: row[MAP50_95], MAP50: row[MAP50]}
+    content = history.content_hash(artifact, row)
     registration = register_model(
-        cfg.mlflow, r.model_name, content_hash=content_hash(artifact, row), log_model=log_model, version_tags=tags,
+        cfg.mlflow, r.model_name, content_hash=content, log_model=log_model, version_tags=tags,
         run_tags=tags, run_metrics={k: float(v) for k, v in numbers.items() if v is not None},
         run_artifacts=[(paths.reports / "bench", "bench"), (paths.metrics("bench"), "bench")],
         retries=r.retries, backoff_s=r.backoff_s, refresh=BENCH_TAGS)
@@ -140,12 +131,14 @@ def run(cfg: Config, paths: Paths = Paths()) -> StageResult:
                      backoff_s=r.backoff_s)
     verb = "reused" if registration.reused else "registered"
     print(f"register: {verb} {r.model_name} v{registration.version} ({row['name']}) as @challenger", flush=True)
+    history.mark_or_warn(store, content, r.model_name, registration.version)  # the bench rows of this content
     receipt = {"model_name": r.model_name, "version": registration.version, "run_id": registration.run_id,
                "model_uri": registration.model_uri, "alias_uri": f"models:/{r.model_name}@challenger",
                "variant": row["name"], "reused": registration.reused, "promoted": False}
     if r.auto_promote:
-        result = promote(cfg.mlflow, r.model_name, r.gates, version=registration.version, user="register stage",
-                         reason="register.auto_promote", retries=r.retries, backoff_s=r.backoff_s)
+        result = promote(cfg.mlflow, r.model_name, Judge(r.gates, store.paired_fps), version=registration.version,
+                         user="register stage", reason="register.auto_promote", retries=r.retries,
+                         backoff_s=r.backoff_s)
         print(result.table(), flush=True)
         receipt["promoted"] = result.moved
     write_json(receipt_path(paths), receipt)
