@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import dataclasses
 import io
 import json
 import os
@@ -38,7 +39,8 @@ from typing import Any
 
 import numpy as np
 
-from yolofps.bench.environment import write_result
+from yolofps import history
+from yolofps.bench.environment import cpu_flags, device_name, write_result
 from yolofps.config import load_config
 from yolofps.data import formats
 from yolofps.paths import Paths
@@ -315,6 +317,21 @@ def history_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def record_history(result: dict[str, Any], project: Path, store_url: str, tags: dict[str, str]) -> int:
+    """Append the levels to the benchmark history (bench.store): one measuring run, one row per server and level."""
+    settings = result["settings"]
+    run = history.MeasuringRun.start("serve", project, {k: settings[k] for k in ("levels", "requests", "max_wait_ms")})
+    identity = {"device_name": device_name(result["environment"]), "cpu_flags": tuple(cpu_flags()),
+                "model_hash": tags.get("content_hash"), "model_name": settings["model_name"],
+                "model_version": int(settings["version"]), "mode": tags.get("mode")}
+    rows = [dataclasses.replace(run.measurement(**identity, **{k: v for k, v in row.items() if k != "source"}),
+                                source=row["source"]) for row in history_rows(result)]
+    store = history.open_store(store_url, root=project)
+    count = store.append(rows)
+    print(f"appended {count} rows of run {run.run_id} to {store.url}")
+    return count
+
+
 def table(result: dict[str, Any]) -> str:
     """The levels as a fixed-width table, and the target checks and bad mix per server."""
     lines = [f"{'server':<8} {'clients':>7} {'req/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>6} "
@@ -392,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
         server = make_server(name, model, project, args)
         servers[name] = measure_server(server, project, tracking_uri, images, args)
         servers[name]["targets"] = target_checks(servers[name]["levels"], bench)
-    settings = {"project": str(project), "model": model, "version": version, "variant": tags["variant"],
+    settings = {"project": str(project), "model": model, "model_name": cfg.register.model_name, "version": version,
+                "variant": tags["variant"],
                 "runtime": tags.get("runtime"), "dtype": tags.get("dtype"), "imgsz": tags.get("imgsz"),
                 "threads": tags.get("threads", "0"), "levels": args.levels, "requests": args.requests,
                 "images": len(images), "max_wait_ms": args.max_wait_ms, "client": "aiohttp, this process"}
@@ -401,6 +419,7 @@ def main(argv: list[str] | None = None) -> int:
     result = json.loads(out.read_text())
     print(table(result))
     figure(result, out.with_suffix(".png"))
+    record_history(result, project, cfg.bench.store, tags)
     passed = all(m["bad_mix"]["good_all_200"] and m["bad_mix"]["bad_all_4xx"] and m["bad_mix"]["alive_after"]
                  for m in servers.values())
     return 0 if passed else 1

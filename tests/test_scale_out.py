@@ -28,7 +28,7 @@ WORKER_TIMEOUT_S = 300  # the flow run: 8 `dvc repro` checks and one register
 # Switch on once the benchmark history store (issue 19, item 4: yolofps.history, params `bench.store`) is merged:
 # the flow then also sets bench.store to the PostgreSQL bench database (bench reruns, as its section changed)
 # and check_bench_rows reads the rows back.
-CHECK_BENCH_STORE = False
+CHECK_BENCH_STORE = True  # the bench stage's rows in a PostgreSQL bench.store (yolofps.history)
 
 
 def test_pipeline_runs_through_a_worker_on_postgresql_backed_stores(shared_run, tmp_path):
@@ -158,8 +158,13 @@ def check_bench_rows(pg: Postgres, version: str) -> None:
     """
     from yolofps.history import open_store
 
-    rows = open_store(pg.url("bench")).query()
+    with pytest.MonkeyPatch.context() as env:  # the URL has no password: the client reads PGPASSWORD, as the stages do
+        env.setitem(os.environ, "PGPASSWORD", pg.env()["PGPASSWORD"])
+        rows = open_store(pg.url("bench")).query(limit=1000)
     assert rows, "no benchmark rows in the PostgreSQL bench database"
-    assert {row.source for row in rows} == {"bench"} and all(row.p50_ms > 0 and row.device_name for row in rows)
-    assert {row.model_version for row in rows} <= {None, version, int(version)}  # bench runs before register
-    assert pg.query("bench", "SELECT count(*) FROM alembic_version") == [(1,)]  # schema by its Alembic migrations
+    assert {row.source for row in rows} == {"bench"} and len({row.run_id for row in rows}) == 1
+    assert all(row.throughput > 0 and row.device_name for row in rows)
+    assert all(row.p50_ms > 0 for row in rows if row.batch == 1)
+    # register named its version on the rows that measured the registered content
+    assert {row.model_version for row in rows} == {None, int(version)}
+    assert pg.query("bench", "SELECT count(*) FROM bench_alembic_version") == [(1,)]  # schema by Alembic
