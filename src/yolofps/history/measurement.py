@@ -120,8 +120,8 @@ def bench_measurements(result: dict[str, Any], root: Path, run: MeasuringRun) ->
     return rows
 
 
-COLUMNS = ("measured (UTC)", "source", "run", "model", "variant", "batch", "imgsz", "device", "threads", "p50 ms",
-           "p95 ms", "p99 ms", "img/s", "mAP50-95")
+COLUMNS = ("measured (UTC)", "source", "run", "model", "variant", "batch", "clients", "imgsz", "device", "threads",
+           "p50 ms", "p95 ms", "p99 ms", "img/s", "mAP50-95")  # clients: a load test's concurrency
 
 
 def table(rows: Sequence[Measurement]) -> str:
@@ -135,7 +135,8 @@ def table(rows: Sequence[Measurement]) -> str:
     for m in rows:
         model = f"{m.model_name} v{m.model_version}" if m.model_version is not None else (m.model_hash or "-")[:12]
         lines.append((m.measured_at.strftime("%Y-%m-%d %H:%M:%S"), m.source, m.run_id[:12], model, cell(m.variant),
-                      str(m.batch), cell(m.imgsz), m.device_name, cell(m.threads), cell(m.p50_ms, 3),
+                      str(m.batch), cell(m.extra.get("concurrency")), cell(m.imgsz), m.device_name, cell(m.threads),
+                      cell(m.p50_ms, 3),
                       cell(m.p95_ms, 3), cell(m.p99_ms, 3), cell(m.throughput, 1), cell(m.map50_95, 4)))
     widths = [max(len(line[i]) for line in lines) for i in range(len(COLUMNS))]
     return "\n".join("  ".join(text.ljust(width) for text, width in zip(line, widths)).rstrip() for line in lines)
