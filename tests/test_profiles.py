@@ -28,7 +28,9 @@ def _in_todays_layout(old: dict) -> dict:
     new_train = {group: {key: train.pop(key) for key in keys.split()} for group, keys in MOVED.items()}
     new_train["loader"] |= LOADER_CONSTANTS
     evaluation = {key: train.pop(key) for key in ("conf", "iou", "max_det", "sample_images")}
-    return old | {"train": train | new_train, "eval": evaluation}
+    # added since (issue 19): where the figures are appended, not how they are made; the default
+    bench = old["bench"] | {"store": "sqlite:///benchmarks.db"}
+    return old | {"train": train | new_train, "eval": evaluation, "bench": bench}
 
 
 def test_the_full_profile_reproduces_the_setup_of_the_committed_full_run():
