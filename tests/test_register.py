@@ -127,7 +127,7 @@ def test_the_version_page_reads_like_a_model_card(pipeline):
 
 def test_model_card_of_the_full_run_names_its_chain_and_fits_mlflow(tmp_path):
     """The committed full-profile bench (benchmarks/results/full) rendered: the INT8 variant's whole chain."""
-    from yolofps.registry.card import MAX_CHARS, CardFacts, render
+    from yolofps.registry.card import MAX_CHARS, CardFacts, render_card
 
     bench = json.loads((PROJECT_ROOT / "benchmarks" / "results" / "full" / "metrics" / "bench.json").read_text())
     row = next(v for v in bench["variants"] if v["name"] == bench["selected"]["name"])
@@ -135,7 +135,7 @@ def test_model_card_of_the_full_run_names_its_chain_and_fits_mlflow(tmp_path):
              {"name": "prune-0.5", "job": "prune-0.5", "source": "train", "epoch": 60},
              {"name": "distill", "job": "distill", "source": "prune-0.5", "epoch": 60},
              {"name": "quantize", "source": "distill"}]
-    card = render(CardFacts(NAME, 7, row, bench, chain, ["ellipse", "rectangle"], {"git_commit": "d984b34"}))
+    card = render_card(CardFacts(NAME, 7, row, bench, chain, ["ellipse", "rectangle"], {"git_commit": "d984b34"}))
     assert len(card) <= MAX_CHARS and "selected it" in card
     assert card.index("`train`") < card.index("`prune-0.5`") < card.index("`distill`") < card.index("INT8 of")
     assert f"| {row['fps_b1']} | {row['latency_ms_b1']['p50']} |" in card and "avx512_vnni" in card

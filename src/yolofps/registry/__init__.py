@@ -6,6 +6,7 @@ promotion (`promotion`) are the opposite: they retry with backoff (`common`) and
 
 from __future__ import annotations
 
+from yolofps.registry.card import CardFacts, model_chain, render_card
 from yolofps.registry.common import (
     CHALLENGER,
     CHAMPION,
@@ -25,8 +26,8 @@ from yolofps.registry.versions import (
     set_version_tags,
 )
 
-__all__ = ["CHALLENGER", "CHAMPION", "HISTORY_PREFIX", "FpsPair", "Gate", "Judge", "Promotion", "Registration",
-           "RegistryError", "RegistryUnavailable", "TrackingRun", "aliases", "champion_history", "check_gates",
-           "describe_version",
-           "flatten", "load_detector", "log_to_parent_run", "pipeline_parent_run", "promote", "register_model",
-           "resolve_tracking_uri", "set_version_tags", "with_retries"]
+__all__ = ["CHALLENGER", "CHAMPION", "HISTORY_PREFIX", "CardFacts", "FpsPair", "Gate", "Judge", "Promotion",
+           "Registration", "RegistryError", "RegistryUnavailable", "TrackingRun", "aliases", "champion_history",
+           "check_gates", "describe_version", "flatten", "load_detector", "log_to_parent_run", "model_chain",
+           "pipeline_parent_run", "promote", "register_model", "render_card", "resolve_tracking_uri",
+           "set_version_tags", "with_retries"]

@@ -48,7 +48,7 @@ def model_chain(paths: Paths, model: str) -> list[dict[str, Any]]:
     return chain[::-1]
 
 
-def render(facts: CardFacts) -> str:
+def render_card(facts: CardFacts) -> str:
     """The markdown description, cut to MLflow's limit."""
     sections = [_what(facts), _made(facts), _speed(facts), _accuracy(facts), _use(facts)]
     text = "\n\n".join(sections)

@@ -29,8 +29,7 @@ from yolofps.fileio import write_json
 from yolofps.lineage import dvc_input_hashes, lineage_tags
 from yolofps.metric_names import MAP50, MAP50_95
 from yolofps.paths import Paths
-from yolofps.registry import Judge, describe_version, promote, register_model
-from yolofps.registry.card import CardFacts, model_chain, render
+from yolofps.registry import CardFacts, Judge, describe_version, model_chain, promote, register_model, render_card
 from yolofps.runtime import Deployment
 from yolofps.serving.sources import row_config
 from yolofps.stages import StageResult
@@ -127,7 +126,7 @@ def run(cfg: Config, paths: Paths = Paths()) -> StageResult:
     card = CardFacts(r.model_name, registration.version, row, bench, model_chain(paths, row["model"]),
                      list(meta["names"]), lineage)
     # a reused version gets the card of today's figures, as its refreshed bench tags
-    describe_version(cfg.mlflow, r.model_name, registration.version, render(card), retries=r.retries,
+    describe_version(cfg.mlflow, r.model_name, registration.version, render_card(card), retries=r.retries,
                      backoff_s=r.backoff_s)
     verb = "reused" if registration.reused else "registered"
     print(f"register: {verb} {r.model_name} v{registration.version} ({row['name']}) as @challenger", flush=True)
