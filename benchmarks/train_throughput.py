@@ -24,7 +24,7 @@ from yolofps.bench.environment import write_result
 from yolofps.config import load_config
 from yolofps.data import synthetic
 from yolofps.data.dataset import YoloDataset, build_loader
-from yolofps.engine.train import build_optimizer
+from yolofps.engine.optim import build_optimizer
 from yolofps.model.loss import YOLOv5Loss
 from yolofps.model.spec import preset
 from yolofps.model.yolo import build_model

@@ -22,6 +22,7 @@ TINY_PARAMS = {
     "train.model": "tiny", "train.epochs": 2, "train.imgsz": 64, "train.batch": 8, "train.workers": 0,
     "eval.sample_images": 4, "mlflow.system_metrics": False,
     "prune.ratios": [0.5], "prune.finetune_epochs": 1, "distill.epochs": 1, "quantize.calibration_images": 4,
+    "quantize.qat.epochs": 1,
     "bench.modes": ["eager", "trace", "onnxruntime", "openvino"], "bench.runs": 3, "bench.warmup": 1,
     "bench.batch_sizes": [1, 2], "bench.throughput_runs": 1, "bench.check_images": 2,
 }

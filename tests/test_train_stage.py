@@ -10,7 +10,7 @@ import pytest
 
 from helpers import PROJECT_ROOT, SHARED_PIPELINE_RUN_ID
 from yolofps.config import load_config
-from yolofps.engine import checkpoint, job
+from yolofps.engine import checkpoint, resume
 from yolofps.errors import ConfigError
 from yolofps.paths import Paths
 from yolofps.registry import resolve_tracking_uri
@@ -70,8 +70,8 @@ def test_mlflow_run_holds_metrics_params_tags_and_artifacts(trained):
 
 def test_rerun_after_a_finished_run_starts_over_and_forced_resume_continues(trained, capsys):
     cfg, paths = trained
-    assert job.resume_state(paths.checkpoints("train"), "other-hash", force=False) is None
-    state = job.resume_state(paths.checkpoints("train"), "other-hash", force=True)
+    assert resume.resume_point(paths.checkpoints("train"), "other-hash", force=False) is None
+    state = resume.resume_point(paths.checkpoints("train"), "other-hash", force=True)
     assert state["fit"]["epoch"] == cfg.train.epochs
 
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+# the equal-budget control: the baseline trained on for prune.finetune_epochs (models/prune/control)
+CONTROL = "control"
+
 
 @dataclass(frozen=True)
 class Paths:
@@ -63,12 +66,12 @@ class Paths:
         return self.root / "metrics" / f"{stage}.json"
 
     def model_folder(self, name: str) -> Path:
-        """The torch model folder of a model name: train, distill or prune-<ratio> (quantize.source's values)."""
+        """The torch model folder of a model name: train, control, distill or prune-<ratio>."""
         if name == "train":
             return self.models("train") / "best"
         if name == "distill":
             return self.models("distill")
-        if name.startswith("prune-"):
+        if name.startswith("prune-") or name == CONTROL:
             return self.models("prune") / name
-        raise ValueError(f"a model name is train, distill or prune-<ratio>, got {name!r}")
+        raise ValueError(f"a model name is train, {CONTROL}, distill or prune-<ratio>, got {name!r}")
 

@@ -13,13 +13,15 @@ import torch
 from torch import nn
 
 from yolofps import device as dev
+from yolofps.config import EvalConfig
 from yolofps.data import synthetic
 from yolofps.data.dataset import YoloDataset, build_loader
-from yolofps.engine.train import fit
+from yolofps.engine.datasets import Data
+from yolofps.engine.objectives import DetectionObjective
+from yolofps.engine.train import MemoryStore, TrainingJob, fit
 from yolofps.model.loss import YOLOv5Loss
 from yolofps.model.spec import preset
 from yolofps.model.yolo import build_model
-from yolofps.stages.train import DetectionObjective
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: torchrun starts this file as a script
 from configs import PLAIN_LOADER, loader_config, train_config  # noqa: E402
@@ -48,19 +50,15 @@ def main(out: str, data_root: str) -> None:
     model = without_batchnorm(build_model(arch))
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     loop = train_config({"epochs": 3, "batch": 4, "optim.optimizer": "SGD", "optim.lr0": 0.01, "optim.warmup_epochs": 0,
-                         "optim.nominal_batch": 4, "optim.ema": False, "loader.close_mosaic": 0})
-    per_process = loop.batch // info.world_size
-
-    def make_loader(epoch, mosaic):
-        return build_loader(dataset, per_process, shuffle=True, workers=0, seed=epoch, drop_last=True,
-                            rank=info.rank, world_size=info.world_size)
-
-    evaluated = []
-    trained, state = fit(model, DetectionObjective(YOLOv5Loss(arch, image_size=64)), make_loader,
-                         lambda m: evaluated.append(info.rank) or {"metrics/mAP50B": 0.5}, loop, info,
-                         on_epoch_end=lambda *a: None, fitness=lambda m: m["metrics/mAP50B"])
-    torch.save({"history": state.history, "weights": trained.state_dict(), "initial": initial,
-                "evaluated": evaluated}, f"{out}.{info.rank}")
+                         "optim.nominal_batch": 4, "optim.ema": False, "loader.close_mosaic": 0, "workers": 0})
+    val = build_loader(YoloDataset(data_yaml, "val", 64, PLAIN, train=False), 1, shuffle=False, workers=0)
+    job = TrainingJob("ddp", model, DetectionObjective(YOLOv5Loss(arch, image_size=64)),
+                      Data(dataset, val, dataset.names), loop, EvalConfig(0.001, 0.6, 300, 0), info,
+                      Path(f"{out}.checkpoints"), meta={"names": list(dataset.names), "imgsz": 64},
+                      store=MemoryStore())  # BatchNorm removed: not a loadable artifact
+    result = fit(job)  # trains `model` in place; rank 0 evaluates and saves, only it gets a result
+    torch.save({"history": result.state.history if result else [], "weights": model.state_dict(), "initial": initial,
+                "has_result": result is not None}, f"{out}.{info.rank}")
     dev.shutdown(info)
 
 

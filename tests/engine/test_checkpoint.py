@@ -67,12 +67,12 @@ def test_truncated_state_is_a_named_error(saved):
 def test_a_swap_cut_short_is_undone_and_stale_temp_folders_are_cleaned(saved, tmp_path):
     import os
 
-    from yolofps.engine import job
+    from yolofps.engine import resume
 
     model, folder = saved
     os.replace(folder, folder.with_name(".last.old"))  # the on-disk state of a kill between the two renames
     (tmp_path / ".last.k1ll3d").mkdir()  # the temp folder of an earlier save that was killed
-    state = job.resume_state(tmp_path, "any", force=True)
+    state = resume.resume_point(tmp_path, "any", force=True)
     assert state["fit"]["epoch"] == 2 and folder.is_dir()
     checkpoint.save_model(str(folder), model, {"names": ["a", "b", "c"], "imgsz": 64})
     assert [p.name for p in tmp_path.iterdir()] == ["last"]

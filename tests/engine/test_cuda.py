@@ -7,7 +7,7 @@ import torch
 
 from configs import train_config
 from yolofps import device as dev
-from yolofps.engine.train import build_optimizer
+from yolofps.engine.optim import build_optimizer
 from yolofps.model.loss import YOLOv5Loss
 from yolofps.model.spec import preset
 from yolofps.model.yolo import build_model

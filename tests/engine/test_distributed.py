@@ -76,7 +76,7 @@ def test_ddp_fit_syncs_and_scales_gradients_like_one_process(tmp_path):
              str(tmp_path / "two.pt"), str(tmp_path / "data2")], tmp_path)
     names = ("one.pt.0", "two.pt.0", "two.pt.1")
     one, rank0, rank1 = (torch.load(tmp_path / name, weights_only=True) for name in names)
-    assert rank0["evaluated"] == [0, 0, 0] and rank1["evaluated"] == []  # rank 0 evaluates, rank 1 gets its metrics
+    assert rank0["has_result"] and not rank1["has_result"]  # rank 0 evaluates and saves, rank 1 only trains
     for name, value in rank0["weights"].items():  # DDP keeps the replicas identical
         assert torch.allclose(rank1["weights"][name], value, rtol=0, atol=1e-7), name
     names = [n for n, v in one["initial"].items() if v.dtype.is_floating_point]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -9,18 +10,22 @@ import torch
 
 from configs import PLAIN_LOADER, loader_config, replaced, train_config
 from yolofps import device as dev
+from yolofps.config import EvalConfig
 from yolofps.data import synthetic
 from yolofps.data.dataset import YoloDataset, build_loader
-from yolofps.engine.predict import evaluate_model, fitness
-from yolofps.engine.train import TrainingDivergedError, fit, lr_factor
+from yolofps.engine import checkpoint
+from yolofps.engine.datasets import Data
+from yolofps.engine.objectives import DetectionObjective
+from yolofps.engine.optim import build_optimizer, lr_factor, pick_optimizer
+from yolofps.engine.train import MemoryStore, TrainingDivergedError, TrainingJob, fit
 from yolofps.model.loss import YOLOv5Loss
 from yolofps.model.spec import preset
 from yolofps.model.yolo import build_model
-from yolofps.stages.train import DetectionObjective
 
 CPU = dev.resolve("cpu")
 # no augmentation: the point is to check the optimizer, loss and evaluation agree
 PLAIN = loader_config(PLAIN_LOADER)
+EVAL = EvalConfig(conf=0.001, iou=0.6, max_det=300, sample_images=0)
 
 
 @pytest.fixture(scope="module")
@@ -30,76 +35,74 @@ def four_images(tmp_path_factory):
     return synthetic.generate(tmp_path_factory.mktemp("four"), spec, seed=3)
 
 
-def _setup(data_yaml, epochs, seed=0):
+def _job(data_yaml, folder, epochs, seed=0, **settings) -> TrainingJob:
+    """A tiny model on 4 images, evaluated on the same 4 (the point is that it learns them)."""
     dev.seed_everything(seed)
     dataset = YoloDataset(data_yaml, "train", 64, PLAIN, train=True, seed=seed)
     eval_loader = build_loader(YoloDataset(data_yaml, "train", 64, PLAIN, train=False), 4, shuffle=False, workers=0)
     arch = preset("tiny", len(dataset.names))
-    model = build_model(arch)
-    objective = DetectionObjective(YOLOv5Loss(arch, image_size=64))
     loop = train_config({"epochs": epochs, "batch": 4, "optim.optimizer": "SGD", "optim.lr0": 0.02,
                          "optim.warmup_epochs": 0, "optim.nominal_batch": 4, "optim.ema": False,
-                         "loader.close_mosaic": 0})
-
-    def make_loader(epoch, mosaic):
-        return build_loader(dataset, 4, shuffle=True, workers=0, seed=seed + epoch)
-
-    def evaluate(m):
-        return evaluate_model(m, eval_loader, CPU, dataset.names)[0].metrics()
-
-    return model, objective, make_loader, evaluate, loop
+                         "loader.close_mosaic": 0, "workers": 0} | settings)
+    return TrainingJob("test", build_model(arch), DetectionObjective(YOLOv5Loss(arch, image_size=64)),
+                       Data(dataset, eval_loader, dataset.names), loop, EVAL, CPU, folder, folder / "history.csv",
+                       meta={"names": list(dataset.names), "imgsz": 64, "params_hash": "same"}, seed=seed)
 
 
-def test_tiny_model_overfits_four_images(four_images):
-    model, objective, make_loader, evaluate, loop = _setup(four_images, epochs=300)  # 1 step per epoch
-    loop = replaced(loop, {"optim.lr0": 0.1, "patience": 10_000})
-    evaluate_every = lambda m: {}  # noqa: E731  evaluation only at the end keeps this test fast
-    trained, state = fit(model, objective, make_loader, evaluate_every, loop, CPU,
-                         on_epoch_end=lambda *a: None, fitness=lambda m: 0.0)
-    first, last = state.history[0]["train/loss"], state.history[-1]["train/loss"]
+def test_tiny_model_overfits_four_images(four_images, tmp_path):
+    job = _job(four_images, tmp_path, epochs=300, **{"optim.lr0": 0.1, "patience": 10_000})  # 1 step an epoch
+    job.validate, job.store = False, MemoryStore()  # evaluated once at the end, no files: keeps this test fast
+    out = fit(job)
+    first, last = out.state.history[0]["train/loss"], out.state.history[-1]["train/loss"]
     assert last < first / 2, (first, last)
-    assert evaluate(trained)["metrics/mAP50B"] > 0.5
+    assert out.result.metrics()["metrics/mAP50B"] > 0.5
+    assert "metrics/mAP50B" not in out.state.history[-2] and "metrics/mAP50B" in out.state.history[-1]
 
 
 class Interrupt(Exception):
     pass
 
 
-def test_resume_continues_at_the_right_epoch_and_lr(four_images):
-    model, objective, make_loader, evaluate, loop = _setup(four_images, epochs=4)
-    _, full = fit(model, objective, make_loader, evaluate, loop, CPU, on_epoch_end=lambda *a: None, fitness=fitness)
+class StopAfter:
+    """A tracker that kills the run once `epochs` epochs are saved (as a crash right after a checkpoint would)."""
 
-    saved = {}
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
 
-    def stop_after_two(_model, state, end):
-        if state.epoch == 2:
-            saved["state"] = end.resume_state()
+    def log_metrics(self, metrics, step):
+        if step == self.epochs:
             raise Interrupt
 
-    model, objective, make_loader, evaluate, loop = _setup(four_images, epochs=4)
+    def log_artifacts(self, path, artifact_path=None):
+        return None
+
+
+def test_resume_continues_at_the_right_epoch_and_lr(four_images, tmp_path):
+    full = fit(_job(four_images, tmp_path / "full", epochs=4)).state
+    interrupted = _job(four_images, tmp_path / "cut", epochs=4)
+    interrupted.tracker = StopAfter(2)
     with pytest.raises(Interrupt):
-        fit(model, objective, make_loader, evaluate, loop, CPU, on_epoch_end=stop_after_two, fitness=fitness)
-    model, objective, make_loader, evaluate, loop = _setup(four_images, epochs=4, seed=0)
-    _, resumed = fit(model, objective, make_loader, evaluate, loop, CPU, resume=saved["state"],
-                     on_epoch_end=lambda *a: None, fitness=fitness)
+        fit(interrupted)
+    resumed = fit(_job(four_images, tmp_path / "cut", epochs=4)).state  # same params hash: continues from last
     assert [r["epoch"] for r in resumed.history] == [0, 1, 2, 3]
     for before, after in zip(full.history, resumed.history):
         assert after["lr/pg0"] == pytest.approx(before["lr/pg0"])
         assert after["train/loss"] == pytest.approx(before["train/loss"], rel=1e-3, abs=1e-4)
     assert resumed.optimizer_steps == full.optimizer_steps
+    other = _job(four_images, tmp_path / "cut", epochs=4)
+    other.meta = other.meta | {"params_hash": "other"}  # other params: starts over (the finished flag is not set)
+    assert [r["epoch"] for r in fit(other).state.history] == [0, 1, 2, 3]
 
 
-def test_a_diverging_run_stops_with_a_named_error_and_keeps_the_last_good_epoch(four_images):
+def test_a_diverging_run_stops_with_a_named_error_and_keeps_the_last_good_epoch(four_images, tmp_path):
     """lr0 1e6 with plain SGD blows the weights up after the first step: the loop stops at the first non-finite
-    epoch loss, before that epoch reaches on_epoch_end (which writes the checkpoints)."""
-    model, objective, make_loader, evaluate, loop = _setup(four_images, epochs=20)
-    loop = replaced(loop, {"optim.lr0": 1e6, "optim.grad_clip": 0.0})
-    saved = []
+    epoch loss, before that epoch is saved."""
+    job = _job(four_images, tmp_path, epochs=20, **{"optim.lr0": 1e6, "optim.grad_clip": 0.0})
     with pytest.raises(TrainingDivergedError, match="not finite; the last good checkpoint") as err:
-        fit(model, objective, make_loader, lambda m: {}, loop, CPU,
-            on_epoch_end=lambda m, state, end: saved.append(end.record), fitness=lambda m: 0.0)
-    assert saved and all(math.isfinite(r["train/loss"]) for r in saved)
-    assert f"epoch {len(saved) + 1}:" in str(err.value)
+        fit(job)
+    saved = json.loads((tmp_path / "last" / checkpoint.META).read_text())
+    assert math.isfinite(saved["metrics"]["train/loss"])
+    assert f"epoch {saved['epoch'] + 1}:" in str(err.value)
 
 
 def test_lr_schedule_decays_to_lrf():
@@ -111,8 +114,6 @@ def test_lr_schedule_decays_to_lrf():
 
 
 def test_optimizer_groups_follow_yolov5():
-    from yolofps.engine.train import build_optimizer
-
     model = build_model(preset("tiny", 2))
     optimizer = build_optimizer(model, train_config({"epochs": 1, "batch": 16, "optim.optimizer": "SGD",
                                                              "optim.momentum": 0.937}))
@@ -125,33 +126,25 @@ def test_optimizer_groups_follow_yolov5():
 
 
 def test_auto_optimizer_follows_ultralytics():
-    from yolofps.engine.train import pick_optimizer
-
-    short = pick_optimizer("auto", lr0=0.01, momentum=0.937, warmup_bias_lr=0.1, num_images=400, batch=16,
-                           nominal_batch=64, epochs=30, num_classes=4)
-    assert short == ("AdamW", 0.00125, 0.9, 0.0)
-    long = pick_optimizer("auto", lr0=0.01, momentum=0.937, warmup_bias_lr=0.1, num_images=120_000, batch=16,
-                          nominal_batch=64, epochs=300, num_classes=80)
-    assert long[0] == "SGD"
-    assert pick_optimizer("SGD", lr0=0.02, momentum=0.9, warmup_bias_lr=0.1, num_images=1, batch=1,
-                          nominal_batch=1, epochs=1, num_classes=1) == ("SGD", 0.02, 0.9, 0.1)
+    optim = train_config({"epochs": 30, "batch": 16}).optim
+    auto = replaced(train_config({"epochs": 30, "batch": 16}), {"optim.optimizer": "auto"}).optim
+    short = pick_optimizer(auto, iterations=200, num_classes=4)
+    assert (short.optimizer, short.lr0, short.momentum, short.warmup_bias_lr) == ("AdamW", 0.00125, 0.9, 0.0)
+    assert pick_optimizer(auto, iterations=20_000, num_classes=80).optimizer == "SGD"
+    explicit = replaced(train_config({"epochs": 1, "batch": 1}), {"optim.optimizer": "SGD"}).optim
+    assert pick_optimizer(explicit, iterations=1, num_classes=1) == explicit and optim is not None
     model = build_model(preset("tiny", 2))
-    from yolofps.engine.train import build_optimizer
-
     adam = build_optimizer(model, train_config({"epochs": 1, "batch": 16, "optim.optimizer": "AdamW",
-                                                        "optim.lr0": 0.001}))
+                                                "optim.lr0": 0.001}))
     assert isinstance(adam, torch.optim.AdamW) and len(adam.param_groups) == 3
 
 
-def test_time_limit_stops_after_the_current_step_and_still_saves(four_images):
-    model, objective, make_loader, evaluate, loop = _setup(four_images, epochs=50)
-    loop = replaced(loop, {"batch": 2, "optim.nominal_batch": 2, "time_limit_min": 1e-6})  # 2 steps per epoch
-    ends = []
-    _, state = fit(model, objective, make_loader, evaluate, loop, CPU,
-                   on_epoch_end=lambda m, s, end: ends.append((end.stop, end.resume_state())), fitness=fitness)
+def test_time_limit_stops_after_the_current_step_and_still_saves(four_images, tmp_path):
+    job = _job(four_images, tmp_path, epochs=50, **{"batch": 2, "optim.nominal_batch": 2, "time_limit_min": 1e-6})
+    state = fit(job).state  # 2 steps per epoch
     assert state.stopped == "time_limit" and state.optimizer_steps == 1 and len(state.history) == 1
-    (stop, saved), = ends  # evaluated and checkpointed once, marked as the last epoch
-    assert stop and saved["fit"]["stopped"] == "time_limit" and saved["fit"]["optimizer_steps"] == 1
+    saved = checkpoint.load_state(tmp_path / "last")  # evaluated and checkpointed once
+    assert saved["fit"]["stopped"] == "time_limit" and saved["fit"]["optimizer_steps"] == 1
 
 
 def test_compile_is_opt_in_and_skipped_on_xla():

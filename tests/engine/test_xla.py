@@ -20,15 +20,16 @@ pytestmark = pytest.mark.xla
 from configs import PLAIN_LOADER, loader_config, train_config  # noqa: E402
 from helpers import PROJECT_ROOT, TINY_PARAMS  # noqa: E402
 from yolofps import device as dev  # noqa: E402
-from yolofps.config import load_config  # noqa: E402
+from yolofps.config import EvalConfig, load_config  # noqa: E402
 from yolofps.data import synthetic  # noqa: E402
 from yolofps.data.dataset import YoloDataset, build_loader  # noqa: E402
 from yolofps.engine import checkpoint  # noqa: E402
-from yolofps.engine.train import fit  # noqa: E402
+from yolofps.engine.datasets import Data  # noqa: E402
+from yolofps.engine.objectives import DetectionObjective  # noqa: E402
+from yolofps.engine.train import TrainingJob, fit  # noqa: E402
 from yolofps.model.loss import YOLOv5Loss  # noqa: E402
 from yolofps.model.spec import preset  # noqa: E402
 from yolofps.model.yolo import build_model  # noqa: E402
-from yolofps.stages.train import DetectionObjective  # noqa: E402
 
 PLAIN = loader_config(PLAIN_LOADER)
 
@@ -55,26 +56,20 @@ def test_training_steps_settle_and_checkpoint_loads_on_cpu(eight_images, tmp_pat
     objective = DetectionObjective(YOLOv5Loss(arch, image_size=64))
     # 4 epochs x 2 steps; warm-up over the first 4 steps, so the lr changes every step (it must not recompile)
     loop = train_config({"epochs": 4, "batch": 4, "optim.optimizer": "SGD", "optim.lr0": 0.02, "optim.warmup_epochs": 2,
-                         "optim.nominal_batch": 4, "optim.ema": True, "loader.close_mosaic": 0})
-    saved = {}
-
-    def on_epoch_end(eval_model, state, end):
-        saved["last"] = checkpoint.save_model(tmp_path / "last", eval_model, {"epoch": state.epoch},
-                                              state=end.resume_state())
-
-    def make_loader(epoch, mosaic):
-        return build_loader(dataset, 4, shuffle=True, workers=0, seed=epoch, drop_last=True)
-
-    trained, state = fit(model, objective, make_loader, lambda m: {"metrics/mAP50B": 0.0}, loop, info,
-                         on_epoch_end=on_epoch_end, fitness=lambda m: 0.0)
+                         "optim.nominal_batch": 4, "optim.ema": True, "loader.close_mosaic": 0, "workers": 0})
+    val = build_loader(YoloDataset(eight_images, "val", 64, PLAIN, train=False), 2, shuffle=False, workers=0)
+    job = TrainingJob("xla", model, objective, Data(dataset, val, dataset.names), loop,
+                      EvalConfig(0.001, 0.6, 300, 0), info, tmp_path, meta={"names": list(dataset.names), "imgsz": 64})
+    result = fit(job)
+    trained, state, saved = result.model, result.state, {"last": tmp_path / "last"}
     compiles = [record["xla_compiles"] for record in state.history]
     print("XLA compiles after each epoch:", compiles)
     assert state.optimizer_steps == 8
     assert all(math.isfinite(record["train/loss"]) and record["train/loss"] > 0 for record in state.history)
     assert compiles[0] > 0 and compiles[1] == compiles[2] == compiles[3], compiles  # settled after epoch 1
 
-    cpu_model, meta = checkpoint.load_model(saved["last"])  # plain CPU torch from here on
-    assert meta["epoch"] == 4
+    assert checkpoint.load_model(saved["last"])[1]["epoch"] == 4
+    cpu_model, _ = checkpoint.load_model(tmp_path / "best")  # plain CPU torch from here on: fit's best, bit for bit
     expected = {k: v.cpu() for k, v in trained.state_dict().items()}
     for name, value in cpu_model.state_dict().items():
         assert torch.equal(value, expected[name]), name

@@ -25,7 +25,7 @@ from yolofps.config.loader import (
     set_dotted,
     to_dict,
 )
-from yolofps.config.optimization import DistillConfig, PruneConfig, QuantizeConfig
+from yolofps.config.optimization import DistillConfig, PruneConfig, QatConfig, QuantizeConfig
 from yolofps.config.orchestration import PrefectConfig
 from yolofps.config.training import (
     AugmentConfig,
@@ -41,7 +41,8 @@ from yolofps.errors import ConfigError
 
 __all__ = ["BENCH_MODES", "AugmentConfig", "BenchConfig", "Config", "ConfigError", "DataConfig", "DistillConfig",
            "DistributedConfig", "EvalConfig", "GatesConfig", "LoaderConfig", "LossConfig", "MLflowConfig",
-           "OptimConfig", "PrefectConfig", "PruneConfig", "QuantizeConfig", "RegisterConfig", "TrainConfig",
+           "OptimConfig", "PrefectConfig", "PruneConfig", "QatConfig", "QuantizeConfig", "RegisterConfig",
+           "TrainConfig",
            "TransformSpec", "flatten", "from_dict", "load_config", "normalize_overrides", "parse_override",
            "read_params", "to_dict"]
 

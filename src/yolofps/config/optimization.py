@@ -28,18 +28,38 @@ class PruneConfig:
 
 @dataclass(frozen=True)
 class DistillConfig:
-    """`distill` section: teacher = the trained baseline; student = a pruned copy (or a preset) trained with KD."""
+    """`distill` section: a teacher (the baseline, a larger preset trained here, or a model folder) distilled into a
+    student (the baseline pruned at `ratio`, or a preset) through neck-feature and logit terms."""
 
+    teacher: str  # baseline | a preset (s, m, ...) trained in the stage | a model folder / yolov5 .pt under the project
+    teacher_epochs: int  # epochs of a preset teacher trained here (train settings otherwise)
     student: str  # "pruned" (the baseline pruned at `ratio`) or a preset name: n | s | tiny ...
     ratio: float  # prune ratio of the student; must be one of prune.ratios for the no-KD comparison
     epochs: int  # equal to prune.finetune_epochs makes the KD vs no-KD comparison fair
-    weight: float  # distillation loss weight
+    feature_weight: float  # channel-wise KD of the neck outputs P3-P5, x the detection loss at the first step
+    logit_weight: float  # logit KD (objectness, classes, boxes), x the detection loss at the first step
     temperature: float
 
     def __post_init__(self) -> None:
         _check(0 < self.ratio < 1, "distill.ratio must be in (0, 1)")
-        _check(self.epochs >= 1 and self.weight >= 0 and self.temperature > 0,
-               "distill.epochs >= 1, distill.weight >= 0 and distill.temperature > 0")
+        _check(self.epochs >= 1 and self.teacher_epochs >= 1, "distill.epochs and distill.teacher_epochs must be >= 1")
+        _check(self.feature_weight >= 0 and self.logit_weight >= 0 and self.temperature > 0,
+               "distill.feature_weight >= 0, distill.logit_weight >= 0 and distill.temperature > 0")
+        _check(bool(self.teacher), "distill.teacher must be baseline, a preset name or a model folder")
+
+
+@dataclass(frozen=True)
+class QatConfig:
+    """`quantize.qat`: quantization-aware training (NNCF fake quantizers, the one training loop) for OpenVINO INT8."""
+
+    when: Literal["auto", "always", "never"]  # auto: only when post-training INT8 loses more than max_map_drop
+    epochs: int
+    lr0: float  # AdamW, no warm-up: a QAT fine-tune starts from trained weights and calibrated ranges
+    supervision: float  # the float model's logits as a second target, x the detection loss at the first step
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1 and self.lr0 > 0 and self.supervision >= 0,
+               "quantize.qat.epochs >= 1, quantize.qat.lr0 > 0 and quantize.qat.supervision >= 0")
 
 
 @dataclass(frozen=True)
@@ -53,6 +73,7 @@ class QuantizeConfig:
     max_map_drop: float  # INT8 losing more mAP50-95 than this vs its fp32 source is rejected
     accuracy_control: bool  # OpenVINO INT8: NNCF reverts layers to float until the drop is within max_map_drop
     opset: int
+    qat: QatConfig
 
     def __post_init__(self) -> None:
         _check(self.source in ("train", "distill") or self.source.startswith("prune-"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -180,6 +181,12 @@ class TrainConfig:
         _check(self.time_limit_min >= 0, "train.time_limit_min must be >= 0 (0 = no limit)")
         _check(self.batch % self.distributed.processes == 0, "train.batch is the global batch: it must divide "
                "evenly by train.distributed.nproc_per_node * train.distributed.nnodes")
+
+    def finetune(self, epochs: int) -> TrainConfig:
+        """These hyperparameters for a short fine-tune: `epochs`, warm-up capped at 1 epoch, mosaic closing halved."""
+        optim = dataclasses.replace(self.optim, warmup_epochs=min(self.optim.warmup_epochs, 1.0))
+        loader = dataclasses.replace(self.loader, close_mosaic=min(self.loader.close_mosaic, epochs // 2))
+        return dataclasses.replace(self, epochs=epochs, resume=False, optim=optim, loader=loader)
 
 
 @dataclass(frozen=True)

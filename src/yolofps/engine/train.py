@@ -1,23 +1,26 @@
-"""The one training loop: train, fine-tune after pruning, distillation and QAT all run through `fit`.
+"""The one training loop: train, fine-tune after pruning, distillation and QAT all run as `fit(job)`.
 
-What varies between them is the objective: a callable `(model, images, targets, mask) -> dict` whose
-"loss" entry is optimized (other entries are logged). The step is XLA-safe by construction: fixed shapes,
-no host sync inside it; losses are read off the device only every `LOG_EVERY` steps.
+A `TrainingJob` names every part of a run: the model, the objective (`engine.objectives`: what varies between
+train, distillation and QAT), the data, the train-like settings, the device, where checkpoints go and what tracks
+it. `fit` resumes from `job.checkpoints` when an earlier run with the same `params_hash` was cut short
+(`engine.resume`), trains, evaluates with the COCO protocol after every epoch, saves best and last (+ resume state),
+rewrites the history CSV, logs to the tracker, and returns the best model evaluated once more.
 
-Distributed (torchrun or torch_xla.launch): every process runs this loop on its share of each global batch;
-only rank 0 evaluates, and its metrics are broadcast so that every rank takes the same stop decision. The
-epoch callback (checkpoints, history, MLflow) runs on rank 0 only.
+The step is XLA-safe by construction: fixed shapes, no host sync inside it; losses are read off the device only
+every `LOG_EVERY` steps. Distributed (torchrun or torch_xla.launch): every process runs this loop on its share of
+each global batch; only rank 0 evaluates, and its metrics are broadcast so that every rank takes the same stop
+decision; only rank 0 writes files and logs, and only it gets a result.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import csv
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable
 from copy import deepcopy
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -26,42 +29,92 @@ from torch import nn
 from tqdm import tqdm
 
 from yolofps import device as dev
-from yolofps.config import TrainConfig
-from yolofps.errors import YolofpsError
-
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]
-
-
-class Objective(Protocol):
-    """A loss module: returns a dict with a scalar "loss" to optimize plus named parts to log."""
-
-    def __call__(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
-                 mask: torch.Tensor) -> dict[str, torch.Tensor]: ...
-
+from yolofps.config import EvalConfig, TrainConfig
+from yolofps.data.dataset import build_loader
+from yolofps.engine import checkpoint, resume
+from yolofps.engine.datasets import Data, evaluate
+from yolofps.engine.evaluate import EvalResult
+from yolofps.engine.objectives import Objective
+from yolofps.engine.optim import ModelEMA, accumulation, build_optimizer, lr_factor, resolve_optimizer, warmup
+from yolofps.engine.predict import Predictions, fitness
+from yolofps.errors import ConfigError, YolofpsError
 
 LOG_EVERY = 10  # steps between reads of the running losses (the loop's only host sync)
 
 
-def resolve_optimizer(cfg: TrainConfig, *, num_images: int, num_classes: int) -> TrainConfig:
-    """The config `fit` runs with: `optimizer: auto` replaced by the optimizer and lr it stands for."""
-    o = cfg.optim
-    optimizer, lr0, momentum, warmup_bias_lr = pick_optimizer(
-        o.optimizer, lr0=o.lr0, momentum=o.momentum, warmup_bias_lr=o.warmup_bias_lr, num_images=num_images,
-        batch=cfg.batch, nominal_batch=o.nominal_batch, epochs=cfg.epochs, num_classes=num_classes)
-    resolved = dataclasses.replace(o, optimizer=optimizer, lr0=lr0, momentum=momentum, warmup_bias_lr=warmup_bias_lr)
-    return dataclasses.replace(cfg, optim=resolved)
-
-
-def lr_factor(cfg: TrainConfig, epoch: int) -> float:
-    """Multiplier of lr0 for an epoch: linear or cosine decay from 1 to lrf (yolov5's schedules)."""
-    lrf = cfg.optim.lrf
-    if cfg.optim.cos_lr:
-        return ((1 - math.cos(epoch * math.pi / cfg.epochs)) / 2) * (lrf - 1) + 1
-    return (1 - epoch / cfg.epochs) * (1.0 - lrf) + lrf
-
-
 class TrainingDivergedError(YolofpsError):
     """The loss went non-finite: training stops before that epoch is saved, so the last checkpoint stays good."""
+
+
+class Tracker(Protocol):
+    """Where a job logs: an MLflow run (`registry.TrackingRun`) or `NullTracker`."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def log_artifacts(self, path: Path, artifact_path: str | None = None) -> None: ...
+
+
+class NullTracker:
+    """Tracks nothing (the other ranks of a distributed run, library use without MLflow)."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        return None
+
+    def log_artifacts(self, path: Path, artifact_path: str | None = None) -> None:
+        return None
+
+
+class CheckpointStore:
+    """How a job writes and reads its best/last models: arch.json + safetensors + meta (+ resume state)."""
+
+    persistent = True  # a rerun can resume from what it saved
+
+    def save(self, folder: Path, model: nn.Module, meta: dict[str, Any], state: dict | None = None) -> None:
+        checkpoint.save_model(folder, model, meta, state=state)
+
+    def load(self, folder: Path) -> nn.Module:
+        return checkpoint.load_model(folder)[0]
+
+
+class MemoryStore(CheckpointStore):
+    """Best and last kept in memory only: no files, no resume (QAT, whose fake-quantized model is not an artifact
+    until exported; quick library and test runs)."""
+
+    persistent = False
+
+    def __init__(self) -> None:
+        self.template: nn.Module | None = None
+        self.weights: dict[str, dict[str, torch.Tensor]] = {}
+
+    def save(self, folder: Path, model: nn.Module, meta: dict[str, Any], state: dict | None = None) -> None:
+        self.template = model  # copied once, at load: a deepcopy per epoch costs more than the epoch
+        self.weights[Path(folder).name] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    def load(self, folder: Path) -> nn.Module:
+        model = deepcopy(self.template)
+        model.load_state_dict(self.weights[Path(folder).name])
+        return model
+
+
+@dataclass
+class TrainingJob:
+    """One training run with its parts named."""
+
+    name: str  # train, prune-0.5, distill, qat: the log prefix and meta["job"]
+    model: nn.Module
+    objective: Objective
+    data: Data
+    settings: TrainConfig  # epochs, global batch, optimizer (auto is resolved by fit), loader, patience, time limit
+    evaluation: EvalConfig
+    info: dev.DeviceInfo
+    checkpoints: Path  # best/ and last/ (+ resume state) after every epoch (names only with a MemoryStore)
+    history_csv: Path | None = None  # one row per epoch (DVC plots)
+    tracker: Tracker = field(default_factory=NullTracker)
+    meta: dict[str, Any] = field(default_factory=dict)  # into every checkpoint; "params_hash" decides resuming
+    seed: int = 0  # epoch e's batches are seeded seed + e, so a resumed run sees the same data order
+    force_resume: bool = False
+    validate: bool = True  # False: evaluate after the last epoch only (ultralytics val=False); best = last
+    store: CheckpointStore = field(default_factory=CheckpointStore)
 
 
 @dataclass
@@ -78,146 +131,168 @@ class FitState:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-@dataclass(frozen=True)
-class EpochEnd:
-    """Passed to the epoch callback: the record just appended to history, whether it is the new best,
-    and a function producing the resume state (called only when the callback saves a checkpoint)."""
+@dataclass
+class JobResult:
+    """The best model (eval mode, on the device), the loop state, and its final evaluation."""
 
-    record: dict[str, float]
-    is_best: bool
-    stop: bool
-    resume_state: Callable[[], dict[str, Any]]
-
-
-class ModelEMA:
-    """Exponential moving average of weights with yolov5's warm-up ramp (decay grows with updates)."""
-
-    def __init__(self, model: nn.Module, decay: float = 0.9999, tau: float = 2000.0, updates: int = 0) -> None:
-        self.module = deepcopy(model).eval()
-        self.decay, self.tau, self.updates = decay, tau, updates
-        for p in self.module.parameters():
-            p.requires_grad_(False)
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        self.updates += 1
-        d = self.decay * (1 - math.exp(-self.updates / self.tau))
-        model_state = model.state_dict()
-        for name, value in self.module.state_dict().items():
-            if value.dtype.is_floating_point:
-                value.mul_(d).add_(model_state[name].detach(), alpha=1 - d)
+    model: nn.Module
+    state: FitState
+    result: EvalResult
+    predictions: Predictions
 
 
-def pick_optimizer(name: str, *, lr0: float, momentum: float, warmup_bias_lr: float, num_images: int,
-                   batch: int, nominal_batch: int, epochs: int, num_classes: int) -> tuple[str, float, float, float]:
-    """ultralytics' `optimizer: auto`: AdamW with a class-count lr for short runs (<= 10k iterations), else SGD.
+@dataclass
+class _Run:
+    """The live parts of a fit: settings with the optimizer resolved, modules, optimizer, counters."""
 
-    Returns (optimizer, lr0, momentum, warmup_bias_lr); explicit names pass through unchanged.
-    """
-    if name != "auto":
-        return name, lr0, momentum, warmup_bias_lr
-    iterations = math.ceil(num_images / max(batch, nominal_batch)) * epochs
-    if iterations > 10_000:
-        return "SGD", 0.01, 0.9, warmup_bias_lr
-    return "AdamW", round(0.002 * 5 / (4 + num_classes), 6), 0.9, 0.0  # bias lr above 0.01 destabilizes Adam
+    settings: TrainConfig
+    model: nn.Module  # the plain module (EMA source, what is saved)
+    step_model: nn.Module  # what runs forward: DDP-wrapped and/or compiled
+    learned: nn.Module | None  # the objective's own learned parts
+    optimizer: torch.optim.Optimizer
+    scaler: Any
+    ema: ModelEMA | None
+    state: FitState
+    deadline: float | None
 
+    @property
+    def eval_model(self) -> nn.Module:
+        return self.ema.module if self.ema else self.model
 
-def build_optimizer(model: nn.Module, spec: TrainConfig) -> torch.optim.Optimizer:
-    """SGD (nesterov) or AdamW with yolov5's three groups: pg0 conv weights (decayed), pg1 norm weights, pg2 biases."""
-    o = spec.optim
-    if o.optimizer == "auto":
-        raise ValueError("build_optimizer: resolve `optimizer: auto` first (resolve_optimizer)")
-    decayed, norm_weights, biases = [], [], []
-    for module in model.modules():
-        if hasattr(module, "bias") and isinstance(module.bias, nn.Parameter):
-            biases.append(module.bias)
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            norm_weights.append(module.weight)
-        elif hasattr(module, "weight") and isinstance(module.weight, nn.Parameter):
-            decayed.append(module.weight)
-    accumulate = max(round(o.nominal_batch / spec.batch), 1)
-    weight_decay = o.weight_decay * spec.batch * accumulate / o.nominal_batch  # scaled like yolov5
-    if o.optimizer == "AdamW":
-        optimizer = torch.optim.AdamW(decayed, lr=o.lr0, betas=(o.momentum, 0.999), weight_decay=weight_decay)
-    else:
-        optimizer = torch.optim.SGD(decayed, lr=o.lr0, momentum=o.momentum, nesterov=True,
-                                    weight_decay=weight_decay)
-    optimizer.add_param_group({"params": norm_weights, "weight_decay": 0.0})
-    optimizer.add_param_group({"params": biases, "weight_decay": 0.0})
-    return optimizer
+    def parts(self) -> dict[str, nn.Module | None]:
+        return {"model": self.model, "ema": self.ema.module if self.ema else None, "objective": self.learned}
 
 
-def _warmup(optimizer: torch.optim.Optimizer, spec: TrainConfig, step: int, warmup_steps: int, epoch: int) -> None:
-    """Linear warm-up: biases from warmup_bias_lr down, others from 0 up; momentum (Adam: beta1) ramps up."""
-    o = spec.optim
-    target = o.lr0 * lr_factor(spec, epoch)
-    momentum = float(np.interp(step, [0, warmup_steps], [o.warmup_momentum, o.momentum]))
-    for index, group in enumerate(optimizer.param_groups):
-        start = o.warmup_bias_lr if index == 2 else 0.0
-        group["lr"] = float(np.interp(step, [0, warmup_steps], [start, target]))
-        if "betas" in group:
-            group["betas"] = (momentum, group["betas"][1])
-        else:
-            group["momentum"] = momentum
+@dataclass
+class _EpochStats:
+    losses: dict[str, float]
+    seconds: float
+    images: int  # all ranks
+    out_of_time: bool
 
 
-def fit(model: nn.Module, objective: Objective, make_loader: Callable[[int, bool], Iterable[Batch]],
-        evaluate: Callable[[nn.Module], dict[str, float]], spec: TrainConfig, info: dev.DeviceInfo, *,
-        resume: dict[str, Any] | None = None, on_epoch_end: Callable[[nn.Module, FitState, EpochEnd], None],
-        fitness: Callable[[dict[str, float]], float]) -> tuple[nn.Module, FitState]:
-    """Train `model` for `spec.epochs`; returns the EMA (or raw) model to evaluate/export and the state.
-
-    `spec` is a train-like config whose optimizer is resolved (see `resolve_optimizer`).
-
-    `make_loader(epoch, mosaic)` gives that epoch's batches (this process's share of them when distributed;
-    seeded by epoch, so a resumed run sees the same data order). `evaluate(model)` returns metrics;
-    `fitness(metrics)` ranks epochs. `on_epoch_end` saves checkpoints and logs; it runs after every epoch, on
-    rank 0, with the model to save. With `spec.time_limit_min` the loop stops after the step that crosses it,
-    then evaluates and calls `on_epoch_end` as after a full epoch (`state.stopped == "time_limit"`).
-    """
-    model = dev.prepare_model(model, info)
-    step_model = dev.compile_model(dev.wrap_ddp(model, info, sync_bn=spec.distributed.sync_bn), info, spec.compile)
-    optimizer = build_optimizer(model, spec)
-    ema = ModelEMA(model) if spec.optim.ema else None
-    state = FitState()
-    if resume is not None:
-        state = _restore(resume, model, optimizer, ema)
-    scaler = dev.grad_scaler(info)
-    deadline = time.monotonic() + spec.time_limit_min * 60 if spec.time_limit_min > 0 else None
-    for epoch in range(state.epoch, spec.epochs):
-        mosaic = epoch < spec.epochs - spec.loader.close_mosaic
-        losses, seconds, images_seen, out_of_time = _train_epoch(
-            step_model, model, objective, make_loader(epoch, mosaic), optimizer, scaler, ema, spec, info, state,
-            epoch, deadline)
-        _check_finite(losses, epoch, state)
-        eval_model = ema.module if ema else model
-        metrics = dev.broadcast_object(evaluate(eval_model) if info.is_main else None, info)
-        record = {"epoch": epoch, **losses, "images_per_s": images_seen / max(seconds, 1e-9), **metrics,
-                  **{f"lr/pg{i}": g["lr"] for i, g in enumerate(optimizer.param_groups)}}
-        if info.kind == "xla":
-            record["xla_compiles"] = dev.xla_compile_count()  # should stop growing after the first epoch
-        score = fitness(metrics)
-        is_best = score > state.best_fitness
-        if is_best:
-            state.best_fitness, state.best_epoch, state.stale_epochs = score, epoch, 0
-        else:
-            state.stale_epochs += 1
-        state.epoch = epoch + 1
-        state.ema_updates = ema.updates if ema else 0
-        state.history.append(record)
-        if state.stale_epochs >= spec.patience:
-            state.stopped = "early_stop"
-            print(f"early stop: no improvement for {spec.patience} epochs (best epoch {state.best_epoch})")
-        if out_of_time:
-            state.stopped = "time_limit"
-            print(f"time limit: stopping after {spec.time_limit_min} min, in epoch {epoch + 1}/{spec.epochs}")
-        snapshot = lambda: training_state(model, optimizer.state_dict(), ema.module if ema else None, state)  # noqa: E731
-        if info.is_main:
-            on_epoch_end(eval_model, state, EpochEnd(record, is_best, bool(state.stopped), snapshot))
-        if state.stopped:
+def fit(job: TrainingJob) -> JobResult | None:
+    """Train `job.model` for `job.settings.epochs` (0: evaluate it as it is); rank 0 gets the best model's result."""
+    job.meta = job.meta | {"job": job.name}
+    if job.settings.epochs == 0:
+        return _evaluate_untrained(job)
+    run = _start(job)
+    for epoch in range(run.state.epoch, run.settings.epochs):
+        stats = _train_epoch(job, run, epoch)
+        _check_finite(stats.losses, epoch, run.state)
+        _end_epoch(job, run, epoch, stats)
+        if run.state.stopped:
             break
-    dev.barrier(info)  # rank 0's last checkpoint is on disk before any rank moves on
-    return (ema.module if ema else model), state
+    dev.barrier(job.info)  # rank 0's last checkpoint is on disk before any rank moves on
+    if not job.info.is_main:
+        return None
+    best = dev.prepare_model(job.store.load(job.checkpoints / "best"), job.info).eval()
+    result, predictions = evaluate(best, job.data, job.info, job.evaluation)
+    return JobResult(best, run.state, result, predictions)
+
+
+def _start(job: TrainingJob) -> _Run:
+    """Resolve the optimizer, move everything to the device, and restore the resume point if there is one."""
+    info, data = job.info, job.data
+    settings = resolve_optimizer(job.settings, num_images=len(data.train_set), num_classes=len(data.names))
+    job.meta = job.meta | {"optimizer": settings.optim.optimizer, "device": info.name,
+                           "world_size": info.world_size}
+    if settings.batch % info.world_size:
+        raise ConfigError(f"train.batch {settings.batch} is the global batch: it must divide by the "
+                          f"{info.world_size} processes")
+    if info.is_main:
+        print(f"{job.name}: {len(data.train_set)} images, {settings.epochs} epochs, {settings.optim.optimizer} "
+              f"lr0={settings.optim.lr0} on {info.name} x {info.world_size}", flush=True)
+    model = dev.prepare_model(job.model, info)
+    if hasattr(job.objective, "to"):
+        job.objective.to(info.device)
+    learned = getattr(job.objective, "learned", None)
+    step_model = dev.compile_model(dev.wrap_ddp(model, info, sync_bn=settings.distributed.sync_bn), info,
+                                   settings.compile)
+    optimizer = build_optimizer(model, settings, list(learned.parameters()) if learned is not None else [])
+    ema = ModelEMA(model) if settings.optim.ema else None
+    deadline = time.monotonic() + settings.time_limit_min * 60 if settings.time_limit_min > 0 else None
+    run = _Run(settings, model, step_model, learned, optimizer, dev.grad_scaler(info), ema, FitState(), deadline)
+    saved = resume.resume_point(job.checkpoints, job.meta.get("params_hash", ""), force=job.force_resume,
+                                verbose=info.is_main) if job.store.persistent else None
+    if saved is not None:
+        resume.check_compatible(saved, model, job.checkpoints / "last")
+        run.state = FitState(**resume.restore(saved, run.parts(), optimizer))
+        if ema is not None:
+            ema.updates = run.state.ema_updates
+    return run
+
+
+def _loader(job: TrainingJob, run: _Run, epoch: int):
+    """This process's share of an epoch's batches, mosaic off for the last `close_mosaic` epochs."""
+    s, info = run.settings, job.info
+    job.data.train_set.set_mosaic(epoch < s.epochs - s.loader.close_mosaic)
+    return build_loader(job.data.train_set, s.batch // info.world_size, shuffle=True, workers=s.workers,
+                        seed=job.seed + epoch, drop_last=len(job.data.train_set) > s.batch, rank=info.rank,
+                        world_size=info.world_size)
+
+
+def _end_epoch(job: TrainingJob, run: _Run, epoch: int, stats: _EpochStats) -> None:
+    """Evaluate, update the counters and the stop decision, then save and log (rank 0)."""
+    info, state, s = job.info, run.state, run.settings
+    validated = job.validate or epoch + 1 == s.epochs
+    metrics = dev.broadcast_object(_metrics(job, run.eval_model) if info.is_main and validated else {}, info)
+    record = {"epoch": epoch, **stats.losses, "images_per_s": stats.images / max(stats.seconds, 1e-9), **metrics,
+              **{f"lr/pg{i}": g["lr"] for i, g in enumerate(run.optimizer.param_groups)}}
+    if info.kind == "xla":
+        record["xla_compiles"] = dev.xla_compile_count()  # should stop growing after the first epoch
+    score = fitness(metrics)
+    is_best = score > state.best_fitness or not validated
+    if is_best:
+        state.best_fitness, state.best_epoch, state.stale_epochs = score, epoch, 0
+    else:
+        state.stale_epochs += 1
+    state.epoch, state.ema_updates = epoch + 1, run.ema.updates if run.ema else 0
+    state.history.append(record)
+    if state.stale_epochs >= s.patience:
+        state.stopped = "early_stop"
+        print(f"early stop: no improvement for {s.patience} epochs (best epoch {state.best_epoch})")
+    if stats.out_of_time:
+        state.stopped = "time_limit"
+        print(f"time limit: stopping after {s.time_limit_min} min, in epoch {epoch + 1}/{s.epochs}")
+    if info.is_main:
+        _save_epoch(job, run, record, is_best)
+
+
+def _metrics(job: TrainingJob, model: nn.Module) -> dict[str, float]:
+    return evaluate(model, job.data, job.info, job.evaluation)[0].metrics()
+
+
+def _save_epoch(job: TrainingJob, run: _Run, record: dict[str, float], is_best: bool) -> None:
+    """Save best (first) and last with the resume state, rewrite the history CSV, log the epoch."""
+    meta = job.meta | {"epoch": run.state.epoch, "metrics": record, "finished": False}
+    if is_best:  # best before last: a kill between them must not leave a resume point without its best
+        job.store.save(job.checkpoints / "best", run.eval_model, meta)
+    state = None
+    if job.store.persistent:
+        fit_state = {k: getattr(run.state, k) for k in FitState.__dataclass_fields__}
+        state = resume.training_state(run.parts(), run.optimizer.state_dict(), fit_state)
+    job.store.save(job.checkpoints / "last", run.eval_model, meta, state)
+    if job.history_csv is not None:
+        write_history(job.history_csv, run.state.history)
+    job.tracker.log_metrics({k: v for k, v in record.items() if k != "epoch"}, step=run.state.epoch)
+    line = "  ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in record.items() if k != "epoch")
+    print(f"{job.name}: epoch {run.state.epoch}: {line}", flush=True)
+
+
+def _evaluate_untrained(job: TrainingJob) -> JobResult:
+    """`epochs: 0`: the model as it is, evaluated and saved where a training job leaves its best and last."""
+    model = dev.prepare_model(job.model, job.info).eval()
+    result, predictions = evaluate(model, job.data, job.info, job.evaluation)
+    record = {"epoch": 0} | result.metrics()
+    for name in ("best", "last"):
+        job.store.save(job.checkpoints / name, model, job.meta | {"epoch": 0, "metrics": record, "finished": True})
+    if job.history_csv is not None:
+        write_history(job.history_csv, [record])
+    print(f"{job.name}: epochs is 0: evaluated {job.meta.get('start_weights', 'the model')} as it is: "
+          + "  ".join(f"{k.split('/')[-1]}={v:.4g}" for k, v in result.metrics().items()), flush=True)
+    state = FitState(best_fitness=fitness(result.metrics()), best_epoch=-1, stopped="not_trained", history=[record])
+    return JobResult(model, state, result, predictions)
 
 
 def _check_finite(losses: dict[str, float], epoch: int, state: FitState) -> None:
@@ -241,46 +316,32 @@ def _time_is_up(deadline: float | None, info: dev.DeviceInfo, i: int) -> bool:
     return bool(dev.all_reduce_mean(late, info).item() > 0)  # any rank late: all stop
 
 
-def _train_epoch(step_model, model, objective, loader, optimizer, scaler, ema, spec: TrainConfig,
-                 info: dev.DeviceInfo, state: FitState, epoch: int,
-                 deadline: float | None) -> tuple[dict[str, float], float, int, bool]:
-    """One pass over the loader; returns mean losses, seconds, images seen (all ranks) and whether time ran out.
-
-    `step_model` is what runs forward (DDP-wrapped and/or compiled); `model` is the plain module (EMA source).
-    """
-    model.train()
+def _train_epoch(job: TrainingJob, run: _Run, epoch: int) -> _EpochStats:
+    """One pass over this epoch's batches: forward through the objective, backward, step every `accumulate`."""
+    info, s, o = job.info, run.settings, run.settings.optim
+    loader = _loader(job, run, epoch)
+    run.model.train()
     num_batches = len(loader)
-    o = spec.optim
     warmup_steps = max(round(o.warmup_epochs * num_batches), 100) if o.warmup_epochs > 0 else 0
-    accumulate = max(round(o.nominal_batch / spec.batch), 1)
-    for group in optimizer.param_groups:
-        group["lr"] = o.lr0 * lr_factor(spec, epoch)
+    accumulate = accumulation(s)
+    for group in run.optimizer.param_groups:
+        group["lr"] = o.lr0 * lr_factor(s, epoch)
     totals: dict[str, torch.Tensor] = {}
     images_seen, start, last_step, out_of_time, steps = 0, time.perf_counter(), -1, False, 0
-    bar = tqdm(dev.device_loader(loader, info), total=num_batches, desc=f"epoch {epoch + 1}/{spec.epochs}",
+    bar = tqdm(dev.device_loader(loader, info), total=num_batches, desc=f"epoch {epoch + 1}/{s.epochs}",
                disable=None if info.is_main else True, leave=False)
-    optimizer.zero_grad(set_to_none=True)
+    run.optimizer.zero_grad(set_to_none=True)
     cut = 0  # boxes of 4-image mosaics beyond max_boxes (a single image never exceeds it: the dataset checks)
     for i, (images, targets, mask, metas) in enumerate(bar):
         cut += sum(meta["truncated"] for meta in metas)
         step = i + num_batches * epoch
         if step < warmup_steps:
-            accumulate = max(1, round(np.interp(step, [0, warmup_steps], [1, o.nominal_batch / spec.batch])))
-            _warmup(optimizer, spec, step, warmup_steps, epoch)
-        images = dev.to_device(images, info)  # [B, 3, S, S] float 0..1
-        targets, mask = targets.to(info.device, non_blocking=True), mask.to(info.device, non_blocking=True)
-        with dev.autocast(info):
-            parts = objective(step_model, images, targets, mask)
-        # the loss is scaled by the per-process batch (yolov5) and DDP averages gradients over processes:
-        # times world_size gives the gradient of one process running the whole global batch
-        parts["loss"] = parts["loss"] * info.world_size
-        scaler.scale(parts["loss"]).backward()
+            accumulate = max(1, round(np.interp(step, [0, warmup_steps], [1, o.nominal_batch / s.batch])))
+            warmup(run.optimizer, s, step, warmup_steps, epoch)
+        parts = _forward_backward(job, run, images, targets, mask)
         if i - last_step >= accumulate or i + 1 == num_batches:
             last_step = i
-            _optimizer_step(model, optimizer, scaler, spec, info)
-            state.optimizer_steps += 1
-            if ema:
-                ema.update(model)
+            _optimizer_step(run, info)
         for name, value in parts.items():
             totals[name] = totals.get(name, 0) + value.detach()  # stays on the device, inside the XLA step graph
         dev.mark_step(info)
@@ -288,58 +349,52 @@ def _train_epoch(step_model, model, objective, loader, optimizer, scaler, ema, s
         steps = i + 1
         if i % LOG_EVERY == 0 and info.is_main:  # the only host sync in the loop
             bar.set_postfix({k: f"{v.item() / (i + 1):.4f}" for k, v in totals.items() if k != "loss"})
-        if _time_is_up(deadline, info, i):
+        if _time_is_up(run.deadline, info, i):
             out_of_time = True
             break
     dev.synchronize(info)
     seconds = time.perf_counter() - start
     if cut and info.is_main:
         warnings.warn(f"epoch {epoch + 1}: {cut} mosaic box(es) beyond train.loader.max_boxes="
-                      f"{spec.loader.max_boxes} were left out of the loss; raise train.loader.max_boxes to keep them",
+                      f"{s.loader.max_boxes} were left out of the loss; raise train.loader.max_boxes to keep them",
                       stacklevel=2)
     means = {f"train/{name}_loss" if name != "loss" else "train/loss":
              float(dev.all_reduce_mean(v, info)) / max(steps, 1) for name, v in totals.items()}
-    return means, seconds, images_seen, out_of_time
+    return _EpochStats(means, seconds, images_seen, out_of_time)
 
 
-def _optimizer_step(model: nn.Module, optimizer, scaler, spec: TrainConfig, info: dev.DeviceInfo) -> None:
-    scaler.unscale_(optimizer)
-    if spec.optim.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=spec.optim.grad_clip)
-    dev.optimizer_step(optimizer, scaler, info)
-    optimizer.zero_grad(set_to_none=True)
+def _forward_backward(job: TrainingJob, run: _Run, images, targets, mask) -> dict[str, torch.Tensor]:
+    info = job.info
+    images = dev.to_device(images, info)  # [B, 3, S, S] float 0..1
+    targets, mask = targets.to(info.device, non_blocking=True), mask.to(info.device, non_blocking=True)
+    with dev.autocast(info):
+        parts = job.objective(run.step_model, images, targets, mask)
+    # the loss is scaled by the per-process batch (yolov5) and DDP averages gradients over processes:
+    # times world_size gives the gradient of one process running the whole global batch
+    parts["loss"] = parts["loss"] * info.world_size
+    run.scaler.scale(parts["loss"]).backward()
+    return parts
 
 
-def training_state(model: nn.Module, optimizer_state: dict | None, ema: nn.Module | None, state: FitState) -> dict:
-    """Resume state as plain tensors/numbers (loadable with weights_only=True)."""
-    return {
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "ema": {k: v.detach().cpu() for k, v in ema.state_dict().items()} if ema is not None else None,
-        "optimizer": _to_cpu(optimizer_state),
-        "fit": {k: getattr(state, k) for k in FitState.__dataclass_fields__},
-        "torch_rng": torch.get_rng_state(),
-    }
+def _optimizer_step(run: _Run, info: dev.DeviceInfo) -> None:
+    run.scaler.unscale_(run.optimizer)
+    if run.settings.optim.grad_clip > 0:
+        params = list(run.model.parameters()) + (list(run.learned.parameters()) if run.learned is not None else [])
+        torch.nn.utils.clip_grad_norm_(params, max_norm=run.settings.optim.grad_clip)
+    dev.optimizer_step(run.optimizer, run.scaler, info)
+    run.optimizer.zero_grad(set_to_none=True)
+    run.state.optimizer_steps += 1
+    if run.ema:
+        run.ema.update(run.model)
 
 
-def _to_cpu(value: Any) -> Any:
-    """Optimizer state with every tensor on the host (XLA tensors cannot be saved as they are)."""
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu()
-    if isinstance(value, dict):
-        return {k: _to_cpu(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_cpu(v) for v in value)
-    return value
-
-
-def _restore(saved: dict[str, Any], model: nn.Module, optimizer, ema: ModelEMA | None) -> FitState:
-    model.load_state_dict(saved["model"])
-    if saved.get("optimizer"):
-        optimizer.load_state_dict(saved["optimizer"])
-    state = FitState(**saved["fit"])
-    if ema is not None:
-        ema.module.load_state_dict(saved["ema"] if saved.get("ema") is not None else saved["model"])
-        ema.updates = state.ema_updates
-    if saved.get("torch_rng") is not None:
-        torch.set_rng_state(saved["torch_rng"])
-    return state
+def write_history(path: Path, history: list[dict[str, float]]) -> None:
+    """Per-epoch records as CSV (DVC plots), written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".csv.tmp")
+    with tmp.open("w", newline="") as handle:
+        fields = list(dict.fromkeys(key for record in history for key in record))  # validate=False: metrics at the end
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(history)
+    tmp.replace(path)

@@ -15,11 +15,24 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from yolofps.config import PruneConfig
 from yolofps.model.blocks import C3, SPPF, Conv
 from yolofps.model.spec import ArchSpec, LayerSpec
 from yolofps.model.yolo import YOLOv5, build_model
 
 IMPORTANCES = ("l2", "group_norm")
+
+
+def variant_name(ratio: float) -> str:
+    """`prune-0.3`: the name a pruned model goes by in metrics, folders and the benchmark table."""
+    return f"prune-{ratio:g}"
+
+
+def prune_as_configured(model: YOLOv5, p: PruneConfig, ratio: float, imgsz: int) -> YOLOv5:
+    """`model` pruned at `ratio` as the `prune` section says (the prune stage's variants, the distill student)."""
+    activation = None if p.activation == "keep" else p.activation
+    return prune_model(model.cpu(), ratio=ratio, image_size=imgsz, importance=p.importance, round_to=p.round_to,
+                       iterative_steps=p.iterative_steps, activation=activation)
 
 
 def make_importance(name: str) -> tp.importance.Importance:

@@ -31,18 +31,20 @@ from yolofps.bench.rows import BenchRow
 from yolofps.bench.variants import Variant, plan
 from yolofps.config import BenchConfig, Config, EvalConfig, to_dict
 from yolofps.data import formats
-from yolofps.engine import checkpoint, job
+from yolofps.engine import checkpoint
+from yolofps.engine.datasets import Data, evaluate_variant, load_data
 from yolofps.fileio import fresh_dir, write_json
 from yolofps.lineage import lineage_tags
 from yolofps.metric_names import MAP50_95, scoped
 from yolofps.model.yolo import YOLOv5, model_info
 from yolofps.optimize.export import artifact_bytes, export_onnx, export_openvino
-from yolofps.paths import Paths
+from yolofps.paths import CONTROL, Paths
 from yolofps.registry import TrackingRun, log_to_parent_run
 from yolofps.runtime import Deployment, Execution, Pipeline, build_pipeline
 from yolofps.stages import StageResult
 
 INT8_VARIANTS = {"onnxruntime": "ort-int8", "openvino": "openvino-int8"}  # runtime -> the quantize stage's variant
+QAT_VARIANT = "openvino-int8-qat"  # its quantization-aware-trained OpenVINO INT8 model: a model of its own, `qat`
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +60,7 @@ class SourceModel:
 def source_models(paths: Paths) -> list[SourceModel]:
     """Every model artifact the earlier stages left: baseline first, then pruned, distilled, quantized."""
     found = [SourceModel("train", paths.model_folder("train"))]
+    found.append(SourceModel(CONTROL, paths.model_folder(CONTROL)))
     found += [SourceModel(p.name, p) for p in sorted(paths.models("prune").glob("prune-*"))]
     found.append(SourceModel("distill", paths.model_folder("distill")))
     quantized = paths.models("quantize")
@@ -69,6 +72,10 @@ def source_models(paths: Paths) -> list[SourceModel]:
         verdicts = {runtime: variants[key] for runtime, key in INT8_VARIANTS.items() if runtime in int8}
         if int8:
             found.append(SourceModel("quantize", paths.model_folder(meta["source"]), int8, verdicts))
+        qat = variants.get(QAT_VARIANT)
+        if qat and (quantized / qat["file"]).exists():
+            found.append(SourceModel("qat", paths.model_folder(meta["source"]), {"openvino": quantized / qat["file"]},
+                                     {"openvino": qat}))
     return [m for m in found if (m.torch_folder / checkpoint.ARCH).is_file()]
 
 
@@ -83,7 +90,7 @@ def run(cfg: Config, paths: Paths = Paths()) -> StageResult:
     _, base_meta = checkpoint.load_model(paths.models("train") / "best")
     deployment = Deployment(base_meta["imgsz"], b.conf, b.iou, b.max_det)
     eval_train = dataclasses.replace(cfg.train, imgsz=deployment.imgsz, batch=1)  # b1: one traced/compiled shape
-    data = job.load_data(cfg, paths, eval_train)
+    data = load_data(cfg, paths, eval_train)
     exports = fresh_dir(paths.models("bench"))
     check_images = formats.list_images(paths.augmented_data / "images" / "val")[: b.check_images]
     bench = Bench(b, info, deployment, data, cfg.eval, exports, check_images, paths.root)
@@ -130,7 +137,7 @@ class Bench:
     b: BenchConfig
     info: dev.DeviceInfo
     deployment: Deployment
-    data: job.Data
+    data: Data
     evaluation: EvalConfig  # mAP settings (the eval section)
     exports: Path  # models/bench: the ONNX and OpenVINO IR exports the rows run (registrable artifacts)
     check_images: list[Path]
@@ -211,7 +218,7 @@ def check_variant(row: BenchRow, variant: Variant, model: YOLOv5, source: Source
         if row.agreement < floor:
             row.fail(f"diverges from its source model: detection agreement {row.agreement} < {floor}")
             return None
-        result, _ = job.evaluate_variant(pipeline, bench.data, bench.evaluation)
+        result, _ = evaluate_variant(pipeline, bench.data, bench.evaluation)
         row.map50_95, row.map50 = round(result.map50_95, 5), round(result.map50, 5)
         return pipeline
     except Exception as err:  # a mode that cannot run here is a row, never a crash of the stage
@@ -249,7 +256,7 @@ def _reason(err: Exception) -> str:
     return f"{type(err).__name__}: {message} (at {Path(last.filename).name}:{last.lineno})"
 
 
-def data_images(data: job.Data) -> list[Path]:
+def data_images(data: Data) -> list[Path]:
     """The val images, in the evaluation loader's order."""
     return [Path(p) for p in data.val_loader.dataset.images]
 
@@ -272,6 +279,7 @@ def _summary(rows: list[BenchRow], selected: dict[str, Any]) -> dict[str, float]
     by_name = {r.name: r for r in rows}
     summary: dict[str, float] = {}
     for label, name in (("selected", selected.get("name")), ("baseline", "train/eager-fp32"),
+                        ("control", report.CONTROL_ROW),
                         ("reference", getattr(report.reference_row(rows), "name", None))):
         row = by_name.get(name)
         if row and row.fps_b1:

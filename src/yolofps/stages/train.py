@@ -33,35 +33,22 @@ import yaml
 from yolofps import device as dev
 from yolofps.config import Config, TrainConfig, to_dict
 from yolofps.data import formats
-from yolofps.engine import checkpoint, job, plots
+from yolofps.engine import checkpoint, plots
+from yolofps.engine.datasets import load_data
 from yolofps.engine.evaluate import EvalResult, confusion_matrix
-from yolofps.engine.predict import Predictions, fitness
+from yolofps.engine.objectives import DetectionObjective, detection_loss
+from yolofps.engine.predict import Predictions
+from yolofps.engine.publish import publish, training_metrics
+from yolofps.engine.resume import job_hash
+from yolofps.engine.train import TrainingJob, fit
 from yolofps.errors import ConfigError, YolofpsError
 from yolofps.fileio import content_sha256, fresh_dir, write_json
 from yolofps.lineage import lineage_tags
-from yolofps.model.loss import YOLOv5Loss
-from yolofps.model.spec import ArchSpec, preset
-from yolofps.model.yolo import YOLOv5, build_model, model_info
+from yolofps.model.spec import preset
+from yolofps.model.yolo import YOLOv5, build_model
 from yolofps.paths import Paths
 from yolofps.registry import TrackingRun
 from yolofps.stages import StageResult
-
-
-class DetectionObjective:
-    """The plain detection loss as a training objective (distillation adds teacher terms to the same call)."""
-
-    def __init__(self, loss: YOLOv5Loss) -> None:
-        self.loss = loss
-
-    def __call__(self, model, images, targets, mask):
-        return self.loss(model(images), targets, mask)
-
-
-def detection_loss(spec: ArchSpec, cfg: Config) -> YOLOv5Loss:
-    """The YOLOv5 loss with train.loss's gains."""
-    gains = cfg.train.loss
-    return YOLOv5Loss(spec, image_size=cfg.train.imgsz, box=gains.box, obj=gains.obj, cls=gains.cls,
-                      anchor_t=gains.anchor_t)
 
 
 def run(cfg: Config, paths: Paths = Paths()) -> StageResult:
@@ -122,34 +109,31 @@ def _train(cfg: Config, paths: Paths, info: dev.DeviceInfo) -> StageResult:
     """This process's part of training: everything on rank 0, only the training loop on the others."""
     train = cfg.train
     dev.seed_everything(cfg.seed)
-    data = job.load_data(cfg, paths, train)
+    data = load_data(cfg, paths, train)
     model, start = initial_model(paths, train, data.names)
-    meta = {"job": "train", "names": list(data.names), "imgsz": train.imgsz, "model": train.model,
-            "params_hash": job.job_hash(cfg, train, start.get("start_weights_sha256"))} | start
-    objective = DetectionObjective(detection_loss(model.spec, cfg))
+    meta = {"names": list(data.names), "imgsz": train.imgsz, "model": train.model,
+            "params_hash": job_hash(cfg, train, start.get("start_weights_sha256"))} | start
+    job = TrainingJob("train", model, DetectionObjective(detection_loss(model.spec, train.loss, train.imgsz)), data,
+                      train, cfg.eval, info, paths.checkpoints("train"), paths.plots / "train.csv", meta=meta,
+                      seed=cfg.seed, force_resume=train.resume)
     if not info.is_main:  # no MLflow run, no files: rank 0 writes them
-        job.run_job(cfg, train, data, model, objective, info=info, checkpoints=paths.checkpoints("train"),
-                    history_csv=paths.plots / "train.csv", tracking=None, meta=meta, force_resume=train.resume)
+        fit(job)
         return StageResult(outputs={}, metrics={})
     tags = lineage_tags(paths.root, "train", to_dict(train)) | {"model": train.model, "device": info.name,
                                                                  "world_size": str(info.world_size)}
     tags |= {k: str(v) for k, v in start.items() if k in ("start_weights", "start_weights_sha256")}
     with TrackingRun(cfg.mlflow, run_name=f"train-{train.model}", params=to_dict(cfg), tags=tags) as tracking:
-        if train.epochs == 0:
-            out = job.evaluate_as_baseline(model, data, info, cfg.eval, checkpoints=paths.checkpoints("train"),
-                                           history_csv=paths.plots / "train.csv", meta=meta)
-        else:
-            out = job.run_job(cfg, train, data, model, objective, info=info,
-                              checkpoints=paths.checkpoints("train"), history_csv=paths.plots / "train.csv",
-                              tracking=tracking, meta=meta, force_resume=train.resume)
-        metrics = summary_metrics(out, train.imgsz)
-        publish(paths.checkpoints("train"), paths.models("train"), meta | {"metrics": metrics})
+        job.tracker = tracking
+        out = fit(job)
+        models = fresh_dir(paths.models("train"))
+        metrics = publish(job, out, models / "best", training_metrics(out, train.imgsz), "model/best")
+        last, last_meta = checkpoint.load_model(job.checkpoints / "last")
+        checkpoint.save_model(models / "last", last, last_meta | {"finished": True, "weights": "last"})
         write_json(paths.metrics("train"), metrics)
         plot_dir = fresh_dir(paths.plots / "train")
         write_plots(plot_dir, out.result, out.predictions, data.names, cfg.eval.sample_images)
-        tracking.log_metrics(out.result.metrics(), step=out.state.epoch)
         for artifact, folder in ((paths.plots / "train.csv", "results"), (paths.metrics("train"), "results"),
-                                 (plot_dir, "plots"), (paths.models("train"), "model")):
+                                 (plot_dir, "plots"), (models / "last", "model/last")):
             tracking.log_artifacts(artifact, folder)
     return _result(paths, metrics)
 
@@ -181,27 +165,6 @@ def initial_model(paths: Paths, train: TrainConfig, names: Sequence[str]) -> tup
     warnings.warn(f"train.weights: {train.weights} has {model.spec.num_classes} classes, the data set "
                   f"{len(names)}: backbone and neck kept, the Detect convs re-initialized", stacklevel=2)
     return fresh, start | {"detect_reinitialized": True}
-
-
-def summary_metrics(out: job.JobResult, imgsz: int) -> dict[str, Any]:
-    """Flat metrics of a finished job: the four ultralytics keys, size, speed and per-class AP."""
-    size = model_info(out.model.cpu(), imgsz)
-    metrics = out.result.metrics() | {
-        "best_epoch": out.state.best_epoch + 1, "epochs_run": out.state.epoch, "params": size["params"],
-        "gflops": round(size["gflops"], 3), "fitness": round(fitness(out.result.metrics()), 5),
-        "images_per_s": round(out.state.history[-1].get("images_per_s", 0.0), 2),
-        "stopped": out.state.stopped or "completed",  # completed | early_stop | time_limit
-    }
-    return metrics | {f"ap50_95/{name}": round(ap, 5) for name, ap in out.result.per_class_ap.items()}
-
-
-def publish(checkpoints: Path, out_dir: Path, meta: dict[str, Any]) -> None:
-    """Copy best and last from the checkpoints into the stage's model folder with final metadata."""
-    out_dir = fresh_dir(out_dir)
-    for name in ("best", "last"):
-        model, saved_meta = checkpoint.load_model(checkpoints / name)
-        checkpoint.save_model(out_dir / name, model, saved_meta | meta | {"finished": True, "weights": name})
-    job.mark_finished(checkpoints, meta)
 
 
 def write_plots(folder: Path, result: EvalResult, preds: Predictions, names, sample_images: int) -> None:
