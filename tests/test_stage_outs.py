@@ -60,6 +60,14 @@ def test_prune_and_distill_report_the_comparison(pipeline_root):
     assert distill["comparison_is_fair"] == 1 and no_kd == prune["prune-0.5/metrics/mAP50-95B"]
     assert distill["kd_gain/metrics/mAP50-95B"] == pytest.approx(distill["metrics/mAP50-95B"] - no_kd, abs=1e-5)
     assert distill["params"] == prune["prune-0.5/params"]  # same student architecture as the no-KD control
+    # the equal-budget control: the unpruned baseline trained on for the fine-tune epochs, nothing removed
+    assert prune["control/params"] == prune["baseline/params"]
+    assert "control/before_finetune/metrics/mAP50-95B" not in prune
+    assert distill["control/metrics/mAP50-95B"] == prune["control/metrics/mAP50-95B"]
+    assert distill["kd_helped"] == int(distill["kd_gain/metrics/mAP50-95B"] > 0)
+    control = json.loads((root / "models" / "prune" / "control" / "meta.json").read_text())
+    student = json.loads((root / "models" / "distill" / "meta.json").read_text())
+    assert control["training_epochs"] == student["training_epochs"]  # the same budget
 
 
 def test_quantize_scores_every_variant_through_the_same_evaluation(pipeline_root):
@@ -76,6 +84,10 @@ def test_quantize_scores_every_variant_through_the_same_evaluation(pipeline_root
     assert (root / "models" / "quantize" / "openvino_int8" / "model.xml").is_file()
     assert meta["variants"]["openvino-int8"]["quantization"]["accuracy_control"] is True
     assert metrics["openvino-int8/reverted_layers"] >= 0
+    # QAT (quantize.qat.when: always in params.yaml): its own IR, scored by the same evaluation, judged the same way
+    assert (root / "models" / "quantize" / "openvino_int8_qat" / "model.xml").is_file()
+    assert 0.0 <= metrics["openvino-int8-qat/metrics/mAP50-95B"] <= 1.0
+    assert meta["variants"]["openvino-int8-qat"]["quantization"]["method"] == "qat"
 
 
 def test_bench_writes_the_contract_for_every_model_and_mode(pipeline_root):
@@ -85,7 +97,13 @@ def test_bench_writes_the_contract_for_every_model_and_mode(pipeline_root):
     names = {v["name"] for v in result["variants"]}
     for model in ("train", "prune-0.5", "distill"):
         assert {f"{model}/eager-fp32", f"{model}/trace-fp32", f"{model}/onnxruntime-fp32"} <= names
-    assert {"quantize/onnxruntime-int8", "quantize/openvino-int8"} <= names
+    assert {"quantize/onnxruntime-int8", "quantize/openvino-int8", "qat/openvino-int8", "control/eager-fp32"} <= (
+        names)
+    # accuracy is judged against the equal-budget control, not the shorter-trained baseline
+    assert result["selected"]["accuracy_reference"] == "control/eager-fp32"
+    by_name = {v["name"]: v for v in result["variants"]}
+    control_map, distill_row = by_name["control/eager-fp32"]["metrics/mAP50-95B"], by_name["distill/eager-fp32"]
+    assert distill_row["map_drop"] == pytest.approx(control_map - distill_row["metrics/mAP50-95B"], abs=1e-4)
     # OpenVINO rows for every model: fp32 always, bf16 where this CPU has it natively, else skipped with the reason
     bf16 = openvino.unavailable("bf16")
     for model in ("train", "prune-0.5", "distill"):

@@ -31,7 +31,7 @@ class DistillConfig:
     """`distill` section: a teacher (the baseline, a larger preset trained here, or a model folder) distilled into a
     student (the baseline pruned at `ratio`, or a preset) through neck-feature and logit terms."""
 
-    teacher: str  # baseline | a preset (s, m, ...) trained in the stage | a model folder / yolov5 .pt under the project
+    teacher: str  # baseline | control | a preset (s, m, ...) trained in the stage | a model folder / yolov5 .pt
     teacher_epochs: int  # epochs of a preset teacher trained here (train settings otherwise)
     student: str  # "pruned" (the baseline pruned at `ratio`) or a preset name: n | s | tiny ...
     ratio: float  # prune ratio of the student; must be one of prune.ratios for the no-KD comparison

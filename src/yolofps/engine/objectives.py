@@ -76,7 +76,20 @@ class Balance(nn.Module):
         return sum(terms[name] * scales[i] * weight for i, (name, weight) in enumerate(self.weights.items()))
 
 
-class DistillationObjective:
+class _GuidedObjective:
+    """An objective with a frozen reference model (`teacher`) and learned parts: `to` moves all three."""
+
+    teacher: YOLOv5
+    loss: YOLOv5Loss
+    learned: nn.Module
+
+    def to(self, device: torch.device) -> _GuidedObjective:
+        for module in (self.teacher, self.loss, self.learned):
+            module.to(device)
+        return self
+
+
+class DistillationObjective(_GuidedObjective):
     """Detection loss + weight-scaled channel-wise feature KD (neck P3-P5) + logit KD, from a frozen teacher.
 
     `student` is the model being trained (its Detect head gets a capturing hook); `learned` holds the adapters and
@@ -95,12 +108,6 @@ class DistillationObjective:
             "balance": Balance({"feature_kd": feature_weight, "logit_kd": logit_weight}),
         })
 
-    def to(self, device: torch.device) -> DistillationObjective:
-        self.teacher.to(device)
-        self.loss.to(device)
-        self.learned.to(device)
-        return self
-
     def __call__(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
                  mask: torch.Tensor) -> dict[str, torch.Tensor]:
         student = model(images)
@@ -117,20 +124,14 @@ class DistillationObjective:
         return parts | {"loss": parts["loss"] + kd} | {name: term.detach() for name, term in terms.items()}
 
 
-class QuantizationAwareObjective:
+class QuantizationAwareObjective(_GuidedObjective):
     """Detection loss on the fake-quantized model + the float model's logits, scaled to `weight` x detection loss."""
 
     def __init__(self, float_model: YOLOv5, loss: YOLOv5Loss, *, weight: float, temperature: float = 1.0) -> None:
-        self.float_model = freeze(float_model)
+        self.teacher = freeze(float_model)
         self.loss = loss
         self.temperature = temperature
         self.learned = Balance({"logit_kd": weight})
-
-    def to(self, device: torch.device) -> QuantizationAwareObjective:
-        self.float_model.to(device)
-        self.loss.to(device)
-        self.learned.to(device)
-        return self
 
     def __call__(self, model: nn.Module, images: torch.Tensor, targets: torch.Tensor,
                  mask: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -138,6 +139,6 @@ class QuantizationAwareObjective:
         parts = self.loss(quantized, targets, mask)
         if not self.learned.weights:
             return parts
-        term = sum(logit_kl(s, t, self.temperature) for s, t in zip(quantized, raw_outputs(self.float_model, images)))
+        term = sum(logit_kl(s, t, self.temperature) for s, t in zip(quantized, raw_outputs(self.teacher, images)))
         return parts | {"loss": parts["loss"] + self.learned({"logit_kd": term}, parts["loss"]),
                         "logit_kd": term.detach()}

@@ -1,7 +1,8 @@
 """`distill` stage: knowledge distillation from a teacher into a smaller student, judged against its no-KD control.
 
-- Teacher (`distill.teacher`): `baseline` (the trained model), a preset (`s`, `m`, ...) trained here from scratch for
-  `distill.teacher_epochs` with the train settings (reused while its params are unchanged), or a model folder
+- Teacher (`distill.teacher`): `baseline` (the trained model), `control` (the baseline trained on for the fine-tune
+  epochs by the prune stage: a better-trained copy at no extra cost), a preset (`s`, `m`, ...) trained here from
+  scratch for `distill.teacher_epochs` with the train settings (reused while its params are unchanged), or a folder
   (`models/...`, `weights/...`, or an official yolov5 `.pt` under weights/, imported safely).
 - Student (`distill.student`): `pruned` (the baseline pruned at `distill.ratio`, exactly as the prune stage prunes
   it) or a fresh preset.
@@ -90,12 +91,14 @@ def load_teacher(cfg: Config, paths: Paths, data: Data, info: dev.DeviceInfo, ba
     name = cfg.distill.teacher
     if name == "baseline":
         return checkpoint.load_model(paths.models("train") / "best")[0]
+    if name == CONTROL:  # the baseline trained on by the prune stage: the same model, better trained, at no cost
+        return checkpoint.load_model(paths.model_folder(CONTROL))[0]
     if name in PRESETS:
         return train_teacher(cfg, paths, data, info)
     path = paths.root / name
     if not path.exists():
-        raise ConfigError(f"distill.teacher: {name} is not baseline, a preset ({', '.join(PRESETS)}) or an existing "
-                          "model folder / yolov5 .pt")
+        raise ConfigError(f"distill.teacher: {name} is not baseline, control, a preset ({', '.join(PRESETS)}) or an "
+                          "existing model folder / yolov5 .pt")
     teacher = checkpoint.load_model(path)[0] if path.is_dir() else checkpoint.load_weights(path)[0]
     if teacher.spec.num_classes != baseline.spec.num_classes:
         raise ConfigError(f"distill.teacher: {name} predicts {teacher.spec.num_classes} classes, the data set has "

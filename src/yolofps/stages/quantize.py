@@ -138,7 +138,8 @@ def quantization_aware(cfg: Config, paths: Paths, model: YOLOv5, calibration: li
     objective = QuantizationAwareObjective(copy.deepcopy(model), detection_loss(model.spec, settings.loss,
                                                                                  settings.imgsz), weight=q.supervision)
     job = TrainingJob("qat", quantized, objective, data, settings, cfg.eval, info, paths.checkpoints("quantize"),
-                      paths.plots / "qat.csv", seed=cfg.seed, store=MemoryStore())  # no artifact until exported
+                      paths.models("quantize") / "qat_history.csv", seed=cfg.seed,
+                      store=MemoryStore())  # no artifact until exported; its curve sits beside its IR
     out = fit(job)
     folder = export_openvino_int8(out.model.cpu().eval(), paths.models("quantize") / OPENVINO_INT8_QAT,
                                   data.val_loader.dataset.image_size)
