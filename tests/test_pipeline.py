@@ -90,7 +90,7 @@ def test_dvc_repro_optimizes_an_imported_official_checkpoint(shared_run, tmp_pat
                                               "mlflow.tracking_uri": uri})
     out = dvc(project, "repro").stdout
     assert [n for n in STAGE_ORDER if f"Running stage '{n}'" in out] == STAGE_ORDER[2:], out  # train .. register
-    assert "train.epochs is 0: evaluated weights/yolov5-shapes.pt as it is" in out
+    assert "train: epochs is 0: evaluated weights/yolov5-shapes.pt as it is" in out
     train = json.loads((project / "metrics" / "train.json").read_text())
     assert train["epochs_run"] == 0 and train["stopped"] == "not_trained" and 0 <= train["metrics/mAP50-95B"] <= 1
     meta = json.loads((project / "models" / "train" / "best" / "meta.json").read_text())

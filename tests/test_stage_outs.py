@@ -65,6 +65,7 @@ def test_prune_and_distill_report_the_comparison(pipeline_root):
     assert "control/before_finetune/metrics/mAP50-95B" not in prune
     assert distill["control/metrics/mAP50-95B"] == prune["control/metrics/mAP50-95B"]
     assert distill["kd_helped"] == int(distill["kd_gain/metrics/mAP50-95B"] > 0)
+    assert distill["kd_verdict"].startswith("KD helped" if distill["kd_helped"] else "KD did not help")
     control = json.loads((root / "models" / "prune" / "control" / "meta.json").read_text())
     student = json.loads((root / "models" / "distill" / "meta.json").read_text())
     assert control["training_epochs"] == student["training_epochs"]  # the same budget
