@@ -57,7 +57,8 @@ demo: $(STAMP)
 	@echo
 	@echo "make demo: the pipeline took $$(( $$(date +%s) - $$(cat .demo-started) )) s wall (install excluded)"
 
-# The full profile's keys (profiles/full.yaml) over params.yaml, as one `dvc exp run`; ~52 min on 2 CPU cores.
+# The full profile's keys (profiles/full.yaml) over params.yaml, as one `dvc exp run`; ~52 min on 2 CPU cores
+# before issue 17's control and QAT, which add a 60-epoch fine-tune and 3 QAT epochs.
 demo-full: $(STAMP)
 	YOLOFPS_PIPELINE_RUN_ID=full-$$(date -u +%Y%m%dT%H%M%S) $(BIN)/python -m yolofps.profiles full
 	$(OUTPUTS_SUMMARY)

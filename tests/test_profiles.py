@@ -21,6 +21,12 @@ MOVED = {"optim": "optimizer lr0 lrf cos_lr momentum weight_decay warmup_epochs 
          "distributed": "nproc_per_node nnodes rdzv_endpoint rdzv_id sync_bn"}
 # loader settings that were constants of the loader then (LoaderSpec's defaults), params keys now
 LOADER_CONSTANTS = {"degrees": 0.0, "shear": 0.0, "flipud": 0.0, "min_visibility": 0.3, "min_box_size": 2.0}
+# Issue 17 changed what the optimize stages do, so the committed run did not have these: distill's logit-only
+# `weight` (0.1 then) became feature KD with a teacher choice, and quantize gained QAT (prune's equal-budget control
+# has no key). That run is not today's `make demo-full` in these keys; they are listed, and no other may differ.
+NOT_IN_THAT_RUN = {"distill.teacher", "distill.teacher_epochs", "distill.feature_weight", "distill.logit_weight",
+                   "quantize.qat.when", "quantize.qat.epochs", "quantize.qat.lr0", "quantize.qat.supervision"}
+DROPPED_SINCE = {"distill": ["weight"]}
 
 
 def _in_todays_layout(old: dict) -> dict:
@@ -30,22 +36,28 @@ def _in_todays_layout(old: dict) -> dict:
     evaluation = {key: train.pop(key) for key in ("conf", "iou", "max_det", "sample_images")}
     # added since (issue 19): where the figures are appended, not how they are made; the default
     bench = old["bench"] | {"store": "sqlite:///benchmarks.db"}
-    return old | {"train": train | new_train, "eval": evaluation, "bench": bench}
+    dropped = {section: {k: v for k, v in old[section].items() if k not in keys}
+               for section, keys in DROPPED_SINCE.items()}
+    return old | {"train": train | new_train, "eval": evaluation, "bench": bench} | dropped
 
 
 def test_the_full_profile_reproduces_the_setup_of_the_committed_full_run():
     """benchmarks/results/full/ was made with params.yaml as it stood then; the profile over today's short params
-    must give exactly those values, or the figures there would not be what `make demo-full` makes."""
+    must give exactly those values, or the figures there would not be what `make demo-full` makes. The keys that
+    run did not have are exactly NOT_IN_THAT_RUN (taken from today's profile, so they compare equal)."""
     full = load_config(PROJECT_ROOT / "params.yaml", profiles.overrides(PROJECT_ROOT, "full"))
-    old = yaml.safe_load((PROJECT_ROOT / "benchmarks" / "results" / "full" / "params.yaml").read_text())
-    assert to_dict(full) == to_dict(load_config_from(old))
+    old = _in_todays_layout(yaml.safe_load((PROJECT_ROOT / "benchmarks" / "results" / "full" / "params.yaml")
+                                           .read_text()))
+    today = flatten(to_dict(full))
+    assert set(today) - set(flatten(old)) == NOT_IN_THAT_RUN
+    assert to_dict(full) == to_dict(load_config_from(old, {key: today[key] for key in NOT_IN_THAT_RUN}))
 
 
-def load_config_from(raw: dict):
+def load_config_from(raw: dict, added: dict):
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "params.yaml"
-        path.write_text(yaml.safe_dump(_in_todays_layout(raw), sort_keys=False))
-        return load_config(path)
+        path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        return load_config(path, added)
 
 
 def test_the_short_demo_differs_from_the_full_profile_only_in_the_profile_keys():
