@@ -34,14 +34,14 @@ def promote_version(project_dir: str, alias: str = "challenger", version: int | 
                     reason: str = "", dry_run: bool = False) -> dict[str, Any]:
     """Run the promotion gates for a version against @champion; move @champion when they pass (or forced)."""
     from yolofps.history import same_run_fps
-    from yolofps.registry import Judge, promote
+    from yolofps.registry import Judge, PromotionRequest, promote
 
     cfg = project_config(project_dir)
     r = cfg.register
     judge = Judge(r.gates, same_run_fps(cfg.bench.store, Path(project_dir).resolve()))  # FPS from one measuring run
-    result = promote(cfg.mlflow, r.model_name, judge, version=version, alias=alias if version is None else "",
-                     dry_run=dry_run, force=force, reason=reason or "Prefect promote flow",
-                     user=f"prefect ({getpass.getuser()})", retries=r.retries, backoff_s=r.backoff_s)
+    request = PromotionRequest(version=version, alias=alias if version is None else "", dry_run=dry_run, force=force,
+                               reason=reason or "Prefect promote flow", user=f"prefect ({getpass.getuser()})")
+    result = promote(cfg.mlflow, r.model_name, judge, request, retries=r.retries, backoff_s=r.backoff_s)
     get_run_logger().info("\n%s", result.table())
     return {"model_name": result.model_name, "candidate": result.candidate, "champion": result.champion,
             "moved": result.moved, "forced": result.forced, "table": result.table(),

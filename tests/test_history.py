@@ -319,7 +319,7 @@ def registered(shared_run, tmp_path_factory):
     registered as v1 and promoted to @champion, another timed variant as v2 (@challenger)."""
     from tasks.dvc import apply_overrides
     from yolofps.paths import Paths
-    from yolofps.registry import Judge, promote
+    from yolofps.registry import Judge, PromotionRequest, promote
     from yolofps.stages import register
 
     folder = tmp_path_factory.mktemp("history")
@@ -332,7 +332,7 @@ def registered(shared_run, tmp_path_factory):
     first = register.run(cfg, Paths(root)).metrics["version"]
     with_other = dataclasses.replace(cfg, register=dataclasses.replace(cfg.register, variant=other))
     second = register.run(with_other, Paths(root)).metrics["version"]
-    assert promote(cfg.mlflow, NAME, Judge(lenient(cfg)), version=first, user="test", reason="first",
+    assert promote(cfg.mlflow, NAME, Judge(lenient(cfg)), PromotionRequest(version=first, user="test", reason="first"),
                    retries=1).moved
     return root, cfg, {first: selected, second: other}
 
@@ -344,9 +344,10 @@ def lenient(cfg):
 
 def fps_gate(cfg, judge) -> str:
     """The FPS-vs-champion gate's detail for @challenger, dry run."""
-    from yolofps.registry import promote
+    from yolofps.registry import PromotionRequest, promote
 
-    result = promote(cfg.mlflow, NAME, judge, alias="challenger", dry_run=True, user="test", retries=1)
+    request = PromotionRequest(alias="challenger", dry_run=True, user="test")
+    result = promote(cfg.mlflow, NAME, judge, request, retries=1)
     return next(g.detail for g in result.gates if g.name == "FPS vs champion")
 
 

@@ -23,6 +23,7 @@ from yolofps.data import formats
 from yolofps.errors import YolofpsError
 from yolofps.paths import Paths
 from yolofps.registry import Judge, RegistryError, champion_history, check_gates, promote
+from yolofps.registry import PromotionRequest as Request
 from yolofps.serving.detector import Detector, ServingConfig
 from yolofps.stages import register
 
@@ -211,11 +212,12 @@ def test_promotion_follows_the_gates_and_keeps_history(pipeline):
     root, cfg = pipeline
     first = register.run(cfg, Paths(root)).metrics["version"]
     strict = gates(min_map50_95=1.0)  # no model reaches mAP 1.0
-    refused = promote(cfg.mlflow, NAME, Judge(strict), version=first, user="test", retries=1)
+    refused = promote(cfg.mlflow, NAME, Judge(strict), Request(version=first, user="test"), retries=1)
     assert not refused.moved and not refused.passed and "FAIL" in refused.table()
-    dry = promote(cfg.mlflow, NAME, Judge(gates()), version=first, dry_run=True, user="test", retries=1)
+    dry = promote(cfg.mlflow, NAME, Judge(gates()), Request(version=first, dry_run=True, user="test"), retries=1)
     assert dry.passed and not dry.moved
-    moved = promote(cfg.mlflow, NAME, Judge(gates()), version=first, user="test", reason="first champion", retries=1)
+    moved = promote(cfg.mlflow, NAME, Judge(gates()), Request(version=first, user="test", reason="first champion"),
+                    retries=1)
     assert moved.moved and moved.champion is None
 
     # a second version: the INT8 model (served through onnxruntime inside the same pyfunc interface), or the
@@ -226,9 +228,9 @@ def test_promotion_follows_the_gates_and_keeps_history(pipeline):
     second = register.run(with_register(cfg, variant=other), Paths(root)).metrics["version"]
     assert second > first  # a new version (the OpenVINO test before this one registered another in between)
     impossible = gates(min_fps_gain=1000.0)  # would need 1001x the champion's FPS
-    assert not promote(cfg.mlflow, NAME, Judge(impossible), alias="challenger", user="test", retries=1).moved
-    forced = promote(cfg.mlflow, NAME, Judge(impossible), alias="challenger", force=True,
-                     reason="INT8 for the edge box", user="test", retries=1)
+    assert not promote(cfg.mlflow, NAME, Judge(impossible), Request(alias="challenger", user="test"), retries=1).moved
+    forced = promote(cfg.mlflow, NAME, Judge(impossible),
+                     Request(alias="challenger", force=True, reason="INT8 for the edge box", user="test"), retries=1)
     assert forced.moved and forced.forced and forced.champion == first
     history = champion_history(cfg.mlflow, NAME)
     assert [(h["version"], h["previous"], h["forced"]) for h in history] == [(first, None, False),

@@ -169,16 +169,16 @@ def _promote(args: argparse.Namespace) -> int:
     from yolofps.config import load_config
     from yolofps.errors import ConfigError
     from yolofps.history import same_run_fps
-    from yolofps.registry import Judge, promote
+    from yolofps.registry import Judge, PromotionRequest, promote
 
     if args.force and not args.reason.strip():
         raise ConfigError("--force needs --reason TEXT: the promotion history records who forced what and why")
     cfg = load_config(args.params)
     r = cfg.register
     judge = Judge(r.gates, same_run_fps(cfg.bench.store, Path(args.params).resolve().parent))  # FPS from one run
-    result = promote(cfg.mlflow, r.model_name, judge, version=args.version,
-                     alias=args.alias if args.version is None else "", dry_run=args.dry_run, force=args.force,
-                     reason=args.reason, user=getpass.getuser(), retries=r.retries, backoff_s=r.backoff_s)
+    request = PromotionRequest(version=args.version, alias=args.alias if args.version is None else "",
+                               dry_run=args.dry_run, force=args.force, reason=args.reason, user=getpass.getuser())
+    result = promote(cfg.mlflow, r.model_name, judge, request, retries=r.retries, backoff_s=r.backoff_s)
     print(result.table())
     return 0 if result.moved or args.dry_run or result.champion == result.candidate else 1
 

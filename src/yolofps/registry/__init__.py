@@ -15,10 +15,20 @@ from yolofps.registry.common import (
     RegistryUnavailable,
     with_retries,
 )
-from yolofps.registry.promotion import FpsPair, Gate, Judge, Promotion, champion_history, check_gates, promote
+from yolofps.registry.promotion import (
+    FpsPair,
+    Gate,
+    Judge,
+    Promotion,
+    PromotionRequest,
+    champion_history,
+    check_gates,
+    promote,
+)
 from yolofps.registry.tracking import TrackingRun, flatten, log_to_parent_run, pipeline_parent_run, resolve_tracking_uri
 from yolofps.registry.versions import (
     Registration,
+    Submission,
     aliases,
     describe_version,
     load_detector,
@@ -27,7 +37,8 @@ from yolofps.registry.versions import (
 )
 
 __all__ = ["CHALLENGER", "CHAMPION", "HISTORY_PREFIX", "CardFacts", "FpsPair", "Gate", "Judge", "Promotion",
-           "Registration", "RegistryError", "RegistryUnavailable", "TrackingRun", "aliases", "champion_history",
+           "PromotionRequest", "Registration", "RegistryError", "RegistryUnavailable", "Submission", "TrackingRun",
+           "aliases", "champion_history",
            "check_gates", "describe_version", "flatten", "load_detector", "log_to_parent_run", "model_chain",
            "pipeline_parent_run", "promote", "register_model", "render_card", "resolve_tracking_uri",
            "set_version_tags", "with_retries"]

@@ -138,11 +138,23 @@ def _map50_95(tags: dict[str, str]) -> float:
     return float(tags.get(MAP50_95, tags.get("map50_95", "nan")))
 
 
-def promote(cfg: MLflowConfig, model_name: str, judge: Judge, *, version: int | None = None,
-            alias: str = CHALLENGER, dry_run: bool = False, force: bool = False, reason: str = "",
-            user: str = "", retries: int = 3, backoff_s: float = 2.0) -> Promotion:
+@dataclass(frozen=True)
+class PromotionRequest:
+    """Which version to judge (`version`, else the one `alias` points at) and how: dry run or forced, by whom, why."""
+
+    version: int | None = None
+    alias: str = CHALLENGER
+    dry_run: bool = False
+    force: bool = False
+    reason: str = ""
+    user: str = ""
+
+
+def promote(cfg: MLflowConfig, model_name: str, judge: Judge, request: PromotionRequest = PromotionRequest(), *,
+            retries: int = 3, backoff_s: float = 2.0) -> Promotion:
     """Move @champion to a version when `judge`'s gates pass against the current champion (or when forced)."""
     _quiet_http_retries()
+    version, alias, force, reason, user = request.version, request.alias, request.force, request.reason, request.user
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=cfg.tracking_uri)
@@ -157,7 +169,7 @@ def promote(cfg: MLflowConfig, model_name: str, judge: Judge, *, version: int | 
         checks = judge.check(model_name, candidate, champion)
         promo = Promotion(model_name, int(candidate.version), int(champion.version) if champion else None, checks,
                           moved=False, forced=force and not all(g.passed for g in checks))
-        if dry_run or not (promo.passed or force):
+        if request.dry_run or not (promo.passed or force):
             return promo
         now = dt.datetime.now(dt.timezone.utc)
         record = {"version": int(candidate.version), "previous": int(champion.version) if champion else None,

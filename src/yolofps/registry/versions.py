@@ -26,17 +26,32 @@ class Registration:
     reused: bool
 
 
-def register_model(cfg: MLflowConfig, model_name: str, *, content_hash: str, log_model: dict[str, Any],
-                   version_tags: dict[str, str], run_tags: dict[str, str], run_metrics: dict[str, float],
-                   run_artifacts: list[tuple[Path, str]], retries: int, backoff_s: float,
-                   refresh: tuple[str, ...] = ()) -> Registration:
+@dataclass(frozen=True)
+class Submission:
+    """What one registration logs: its content's hash, the model, and the tags, metrics and artifacts of its run.
+
+    `log_model` holds the keyword arguments of mlflow.pyfunc.log_model (python_model, artifacts, ...); `refresh`
+    names the version tags a reused version takes from this submission (the latest benchmark figures).
+    """
+
+    content_hash: str
+    log_model: dict[str, Any]
+    version_tags: dict[str, str]
+    run_tags: dict[str, str]
+    run_metrics: dict[str, float]
+    run_artifacts: list[tuple[Path, str]]
+    refresh: tuple[str, ...] = ()
+
+
+def register_model(cfg: MLflowConfig, model_name: str, submission: Submission, *, retries: int,
+                   backoff_s: float) -> Registration:
     """Log the pyfunc (models-from-code), register it as a new version tagged with lineage, alias @challenger.
 
     Idempotent: a version whose `content_hash` tag matches is reused (alias moved to it), never duplicated; its
-    `refresh` tags (the latest benchmark figures) are updated, its lineage tags stay those of its registration.
-    `log_model` holds the keyword arguments of mlflow.pyfunc.log_model (python_model, artifacts, ...).
+    `refresh` tags are updated, its lineage tags stay those of its registration.
     """
     _quiet_http_retries()
+    s = submission
     import mlflow
     from mlflow import MlflowClient
 
@@ -53,29 +68,29 @@ def register_model(cfg: MLflowConfig, model_name: str, *, content_hash: str, log
             except mlflow.exceptions.MlflowException as race:  # a concurrent registration created it first
                 if "RESOURCE_ALREADY_EXISTS" not in str(race.error_code):
                     raise
-        existing = client.search_model_versions(f"name = '{model_name}' and tags.content_hash = '{content_hash}'")
+        existing = client.search_model_versions(f"name = '{model_name}' and tags.content_hash = '{s.content_hash}'")
         if existing:
             found = max(existing, key=lambda v: int(v.version))
-            for key in refresh:
-                if key in version_tags:
-                    client.set_model_version_tag(model_name, found.version, key, version_tags[key])
+            for key in s.refresh:
+                if key in s.version_tags:
+                    client.set_model_version_tag(model_name, found.version, key, s.version_tags[key])
             client.set_registered_model_alias(model_name, CHALLENGER, found.version)
             return Registration(model_name, int(found.version), found.run_id, f"models:/{model_name}/{found.version}",
                                 reused=True)
         mlflow.set_tracking_uri(cfg.tracking_uri)
         mlflow.set_experiment(cfg.experiment)
-        with mlflow.start_run(run_name="register", tags=run_tags,
+        with mlflow.start_run(run_name="register", tags=s.run_tags,
                               parent_run_id=os.environ.get(PARENT_RUN_ENV) or None):
-            info = mlflow.pyfunc.log_model(name="model", **log_model)
-            mlflow.log_metrics(run_metrics)
-            for path, artifact_path in run_artifacts:
+            info = mlflow.pyfunc.log_model(name="model", **s.log_model)
+            mlflow.log_metrics(s.run_metrics)
+            for path, artifact_path in s.run_artifacts:
                 if path.is_dir():
                     mlflow.log_artifacts(str(path), artifact_path)
                 elif path.is_file():
                     mlflow.log_artifact(str(path), artifact_path)
-            version = mlflow.register_model(info.model_uri, model_name, tags=version_tags | {
-                "content_hash": content_hash})
-        kept = _keep_first(client, model_name, content_hash, version)
+            version = mlflow.register_model(info.model_uri, model_name, tags=s.version_tags | {
+                "content_hash": s.content_hash})
+        kept = _keep_first(client, model_name, s.content_hash, version)
         client.set_registered_model_alias(model_name, CHALLENGER, kept.version)
         return Registration(model_name, int(kept.version), kept.run_id, f"models:/{model_name}/{kept.version}",
                             reused=kept.version != version.version)

@@ -29,7 +29,17 @@ from yolofps.fileio import write_json
 from yolofps.lineage import dvc_input_hashes, lineage_tags
 from yolofps.metric_names import MAP50, MAP50_95
 from yolofps.paths import Paths
-from yolofps.registry import CardFacts, Judge, describe_version, model_chain, promote, register_model, render_card
+from yolofps.registry import (
+    CardFacts,
+    Judge,
+    PromotionRequest,
+    Submission,
+    describe_version,
+    model_chain,
+    promote,
+    register_model,
+    render_card,
+)
 from yolofps.runtime import Deployment
 from yolofps.serving.sources import row_config
 from yolofps.stages import StageResult
@@ -117,11 +127,11 @@ def run(cfg: Config, paths: Paths = Paths()) -> StageResult:
     tags |= {k: str(meta[k]) for k in ("start_weights", "start_weights_sha256") if meta.get(k)}
     numbers = {"fps_b1": row["fps_b1"], MAP50_95: row[MAP50_95], MAP50: row[MAP50]}
     content = history.content_hash(artifact, row)
-    registration = register_model(
-        cfg.mlflow, r.model_name, content_hash=content, log_model=log_model, version_tags=tags,
-        run_tags=tags, run_metrics={k: float(v) for k, v in numbers.items() if v is not None},
-        run_artifacts=[(paths.reports / "bench", "bench"), (paths.metrics("bench"), "bench")],
-        retries=r.retries, backoff_s=r.backoff_s, refresh=BENCH_TAGS)
+    submission = Submission(content, log_model, version_tags=tags, run_tags=tags,
+                            run_metrics={k: float(v) for k, v in numbers.items() if v is not None},
+                            run_artifacts=[(paths.reports / "bench", "bench"), (paths.metrics("bench"), "bench")],
+                            refresh=BENCH_TAGS)
+    registration = register_model(cfg.mlflow, r.model_name, submission, retries=r.retries, backoff_s=r.backoff_s)
     lineage = {key: tags.get(key, "") for key in ("git_commit", "params_hash", "pipeline_run_id")}
     card = CardFacts(r.model_name, registration.version, row, bench, model_chain(paths, row["model"]),
                      list(meta["names"]), lineage)
@@ -135,8 +145,8 @@ def run(cfg: Config, paths: Paths = Paths()) -> StageResult:
                "model_uri": registration.model_uri, "alias_uri": f"models:/{r.model_name}@challenger",
                "variant": row["name"], "reused": registration.reused, "promoted": False}
     if r.auto_promote:
-        result = promote(cfg.mlflow, r.model_name, Judge(r.gates, store.paired_fps), version=registration.version,
-                         user="register stage", reason="register.auto_promote", retries=r.retries,
+        request = PromotionRequest(version=registration.version, user="register stage", reason="register.auto_promote")
+        result = promote(cfg.mlflow, r.model_name, Judge(r.gates, store.paired_fps), request, retries=r.retries,
                          backoff_s=r.backoff_s)
         print(result.table(), flush=True)
         receipt["promoted"] = result.moved
